@@ -1,0 +1,97 @@
+# pgdispatch: the only entry point. `make help` lists the targets.
+.DEFAULT_GOAL := all
+SHELL := /bin/bash
+
+CC       ?= cc
+PYTHON   := /usr/bin/python3
+BUILD    := build
+PG_INC   := $(shell pg_config --includedir 2>/dev/null || echo /usr/include/postgresql)
+WARN     := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wformat=2
+CFLAGS   ?= -O2 -g
+ALLCFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -Isrc/common -I$(PG_INC)
+SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+LIBS     := -lpq -lcurl -lmicrohttpd -ljansson -lm
+
+# Debian packages a fresh Debian 12 machine needs for build, test and run.
+DEB_PACKAGES := build-essential pkg-config libpq-dev libcurl4-openssl-dev libmicrohttpd-dev \
+	libjansson-dev libcmocka-dev postgresql-15 postgresql-contrib postgresql-15-pgtap \
+	libtap-parser-sourcehandler-pgtap-perl python3-pytest python3-psycopg curl procps
+
+COMMON_SRC  := $(wildcard src/common/*.c)
+GATEWAY_SRC := $(wildcard src/gateway/*.c)
+DAEMON_SRC  := $(wildcard daemon/*.c)
+FAKE_SRC    := $(wildcard tests/fake_provider/*.c)
+UNIT_SRC    := $(wildcard tests/unit/test_*.c)
+HEADERS     := $(wildcard src/common/*.h src/gateway/*.h daemon/*.h tests/fake_provider/*.h)
+
+# Unit tests link every module except the programs' main.c.
+LIB_SRC := $(COMMON_SRC) $(filter-out %/main.c,$(GATEWAY_SRC) $(DAEMON_SRC))
+
+BINARIES := $(if $(GATEWAY_SRC),$(BUILD)/pgdispatch-gateway) \
+            $(if $(DAEMON_SRC),$(BUILD)/pgdispatch-daemon) \
+            $(if $(FAKE_SRC),$(BUILD)/fake-provider)
+SAN_BINARIES := $(patsubst $(BUILD)/%,$(BUILD)/san/%,$(BINARIES))
+UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/san/unit/%,$(UNIT_SRC))
+
+.PHONY: all help deps build test test-unit test-sql test-integration migrate run clean
+
+all: build ## build the programs
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
+
+deps: ## install missing Debian packages (a no-op when all are there)
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "deps: installing" $$missing; \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+build: $(BINARIES) $(SAN_BINARIES) ## build the programs and their sanitizer builds
+
+$(BUILD)/pgdispatch-gateway: $(COMMON_SRC) $(GATEWAY_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ $(COMMON_SRC) $(GATEWAY_SRC) $(LIBS)
+$(BUILD)/pgdispatch-daemon: $(COMMON_SRC) $(DAEMON_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ $(COMMON_SRC) $(DAEMON_SRC) $(LIBS)
+$(BUILD)/fake-provider: $(COMMON_SRC) $(FAKE_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ $(COMMON_SRC) $(FAKE_SRC) $(LIBS)
+
+$(BUILD)/san/pgdispatch-gateway: $(COMMON_SRC) $(GATEWAY_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) $(SANFLAGS) -o $@ $(COMMON_SRC) $(GATEWAY_SRC) $(LIBS)
+$(BUILD)/san/pgdispatch-daemon: $(COMMON_SRC) $(DAEMON_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) $(SANFLAGS) -o $@ $(COMMON_SRC) $(DAEMON_SRC) $(LIBS)
+$(BUILD)/san/fake-provider: $(COMMON_SRC) $(FAKE_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) $(SANFLAGS) -o $@ $(COMMON_SRC) $(FAKE_SRC) $(LIBS)
+
+$(BUILD)/san/unit/%: tests/unit/%.c $(LIB_SRC) $(HEADERS)
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) $(SANFLAGS) -Isrc/gateway -Idaemon -o $@ $< $(LIB_SRC) $(LIBS) -lcmocka
+
+test: deps build ## run every suite: C unit (ASan+UBSan), pgTAP, integration
+	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-sql
+	$(MAKE) --no-print-directory test-integration
+
+test-unit: $(UNIT_BINS) ## C unit tests under AddressSanitizer and UBSan
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t; done
+
+test-sql: ## pgTAP tests of every SQL function, against a throwaway server
+	$(PYTHON) tests/pgharness.py run -- pg_prove --verbose --failures --shuffle tests/sql/*.sql
+
+test-integration: build ## pytest against real PostgreSQL, real binaries, fake provider
+	$(PYTHON) -m pytest -q tests/integration
+
+migrate: ## apply sql/NNN_*.sql to $$DATABASE_URL (or the PG* environment)
+	sh sql/migrate.sh
+
+clean: ## remove build output
+	rm -rf $(BUILD)

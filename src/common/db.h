@@ -1,0 +1,33 @@
+/* db: libpq helpers shared by both programs: connecting with keepalives, LISTEN
+ * with correct identifier quoting, draining notifications, and turning a failed
+ * result into one error message that names the SQLSTATE. Owns no connection:
+ * callers own their PGconn and every PGresult they get. */
+#ifndef PGD_DB_H
+#define PGD_DB_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <libpq-fe.h>
+
+/* Connect (blocking) with TCP keepalives (idle 10 s, interval 5 s, count 3) and the
+ * given application_name unless the conninfo sets them. conninfo may be a URL, a
+ * key=value string or empty (PG* environment). Returns NULL with err filled. */
+PGconn *db_connect(const char *conninfo, const char *application_name, char *err, size_t errlen);
+
+/* LISTEN on each channel (quoted with PQescapeIdentifier). 0 on success, -1 with err. */
+int db_listen(PGconn *conn, const char *const *channels, size_t count, char *err, size_t errlen);
+
+/* Consume input and call fn for each pending notification (payload may be "").
+ * Returns the number handled, or -1 when the connection is broken (err filled). */
+typedef void (*db_notify_fn)(void *ctx, const char *channel, const char *payload);
+int db_drain_notifications(PGconn *conn, db_notify_fn fn, void *ctx, char *err, size_t errlen);
+
+/* For a result that is not PGRES_TUPLES_OK/COMMAND_OK: "<SQLSTATE>: <message>" into
+ * err; sqlstate (6 bytes, may be NULL) gets the code or "" when there is none
+ * (connection lost). Returns true when the result is OK. Does not PQclear. */
+bool db_result_ok(const PGresult *res, const PGconn *conn, char *sqlstate, char *err, size_t errlen);
+
+/* True when the connection is unusable and must be re-established. */
+bool db_connection_lost(const PGconn *conn);
+
+#endif
