@@ -90,6 +90,9 @@ test-sql: ## pgTAP tests of every SQL function, against a throwaway server
 test-integration: build ## pytest against real PostgreSQL, real binaries, fake provider
 	$(PYTHON) -m pytest -q tests/integration
 
+run: deps build ## run the whole system locally: PostgreSQL, provider, daemon, gateway on :8080
+	$(PYTHON) tests/run_local.py
+
 migrate: ## apply sql/NNN_*.sql to $$DATABASE_URL (or the PG* environment)
 	sh sql/migrate.sh
 

@@ -130,8 +130,11 @@ GRANT SELECT ON ALL TABLES IN SCHEMA dispatch TO dispatch_admin;
 ------------------------------------------------------------------------------
 
 CREATE FUNCTION dispatch._setting(p_key text) RETURNS numeric
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT value FROM dispatch.settings WHERE key = p_key
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- plpgsql, not sql: a non-inlinable SQL function is planned on every call.
+    RETURN (SELECT value FROM dispatch.settings WHERE key = p_key);
+END
 $$;
 COMMENT ON FUNCTION dispatch._setting(text) IS
 'Internal: the current value of one setting.';
@@ -188,21 +191,31 @@ COMMENT ON FUNCTION dispatch.node_channel(integer) IS
 -- Tells waiting gateways which of their jobs finished: one NOTIFY per reply
 -- channel per call, ids comma-separated, split to stay under the 8000-byte limit.
 CREATE FUNCTION dispatch._notify_replies(p_channels text[], p_ids bigint[]) RETURNS void
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT count(pg_notify(channel, ids)) FROM (
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_ids IS NULL OR cardinality(p_ids) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify(channel, ids) FROM (
         SELECT channel, string_agg(id::text, ',' ORDER BY id) AS ids
         FROM (SELECT channel, id, (row_number() OVER (PARTITION BY channel ORDER BY id) - 1) / 350 AS chunk
               FROM unnest(p_channels, p_ids) AS t(channel, id)
               WHERE channel IS NOT NULL) numbered
         GROUP BY channel, chunk) batches;
+END
 $$;
 COMMENT ON FUNCTION dispatch._notify_replies(text[], bigint[]) IS
 'Internal: NOTIFY each reply channel with the ids of its jobs that finished, at most 350 ids per payload.';
 
 CREATE FUNCTION dispatch._notify_models(p_models text[]) RETURNS void
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT count(pg_notify(dispatch.model_channel(m), ''))
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_models IS NULL OR cardinality(p_models) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify(dispatch.model_channel(m), '')
     FROM (SELECT DISTINCT m FROM unnest(p_models) AS m WHERE m IS NOT NULL) d;
+END
 $$;
 COMMENT ON FUNCTION dispatch._notify_models(text[]) IS
 'Internal: wake the daemons serving these models (one NOTIFY per distinct model).';
@@ -813,6 +826,7 @@ DECLARE
     v_leased integer := 0;
     v_want integer;
     v_expired integer;
+    v_malformed bigint;
 BEGIN
     IF p_max_jobs IS NULL OR p_max_jobs < 0 OR p_max_jobs > 10000 THEN
         RAISE EXCEPTION 'max_jobs must be between 0 and 10000, got %', p_max_jobs USING ERRCODE = '22023';
@@ -823,18 +837,12 @@ BEGIN
     END IF;
 
     -- 1. Settle outcomes; (id, attempt) is the fencing token.
-    IF p_outcomes IS NOT NULL AND json_array_length(p_outcomes) > 0 THEN
-        IF EXISTS (SELECT 1 FROM json_array_elements(p_outcomes) e
-                   WHERE json_typeof(e) <> 'object' OR (e->>'id') !~ '^\d{1,19}$' OR (e->>'attempt') !~ '^\d{1,9}$'
-                      OR ((e->'result') IS NULL) = ((e->'error') IS NULL)
-                      OR (e->'error' IS NOT NULL AND json_typeof(e->'error') <> 'object')) THEN
-            RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
-                USING ERRCODE = '22023';
-        END IF;
-        WITH o AS (
-            SELECT (e->>'id')::bigint AS id, (e->>'attempt')::integer AS attempt, e->'result' AS result,
-                   (e->'error')::jsonb AS error, coalesce((e->>'retryable')::boolean, false) AS retryable
-            FROM json_array_elements(p_outcomes) e
+    IF p_outcomes IS NOT NULL THEN
+        -- One parse of the whole array; "result" keeps the provider's bytes.
+        WITH o AS MATERIALIZED (
+            SELECT r.id, r.attempt, r.result, r.error, coalesce(r.retryable, false) AS retryable
+            FROM json_to_recordset(p_outcomes) AS r(id bigint, attempt integer, result json, error jsonb,
+                                                    retryable boolean)
         ),
         settled AS (
             UPDATE dispatch.jobs j SET
@@ -858,9 +866,15 @@ BEGIN
                array_agg(s.reply_channel) FILTER (WHERE s.state <> 'queued'),
                array_agg(s.model) FILTER (WHERE s.state = 'queued'),
                array_cat(v_out, array_agg(ROW('stale', o.id, o.attempt, NULL, NULL, NULL, NULL, NULL)::dispatch.exchange_row)
-                                FILTER (WHERE s.id IS NULL))
-        INTO v_done_ids, v_done_channels, v_wake_models, v_out
+                                FILTER (WHERE s.id IS NULL)),
+               count(*) FILTER (WHERE o.id IS NULL OR o.attempt IS NULL OR (o.result IS NULL) = (o.error IS NULL)
+                                      OR jsonb_typeof(o.error) <> 'object')
+        INTO v_done_ids, v_done_channels, v_wake_models, v_out, v_malformed
         FROM o LEFT JOIN settled s ON s.id = o.id;
+        IF v_malformed > 0 THEN
+            RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
+                USING ERRCODE = '22023';
+        END IF;
     END IF;
 
     -- 2. Lease, if this node may take work.
