@@ -81,8 +81,9 @@ test: deps build ## run every suite: C unit (ASan+UBSan), pgTAP, integration
 	$(MAKE) --no-print-directory test-sql
 	$(MAKE) --no-print-directory test-integration
 
-test-unit: $(UNIT_BINS) ## C unit tests under AddressSanitizer and UBSan
-	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t; done
+test-unit: $(UNIT_BINS) ## C unit tests under AddressSanitizer and UBSan (with a throwaway PostgreSQL)
+	$(PYTHON) tests/pgharness.py run -- sh -ec 'for t in $(UNIT_BINS); do echo "== $$t"; \
+	    PGDISPATCH_TEST_DATABASE_URL="$$DATABASE_URL" ASAN_OPTIONS=detect_leaks=1 $$t; done'
 
 test-sql: ## pgTAP tests of every SQL function, against a throwaway server
 	$(PYTHON) tests/pgharness.py run -- pg_prove --verbose --failures --shuffle tests/sql/*.sql

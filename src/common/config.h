@@ -20,7 +20,7 @@ typedef struct {
     config_type_t type;
     void *target;
     const char *default_value; /* as text; NULL for "unset" (string NULL, int 0) */
-    long min, max;             /* CONFIG_INT only: inclusive range, checked */
+    long min, max;             /* CONFIG_INT only: inclusive range, checked; 0, 0 = no range */
     const char *help;
 } config_option_t;
 
@@ -32,7 +32,9 @@ typedef enum {
 
 /* Precedence: flag > environment > default. Accepts --flag value and --flag=value.
  * Unknown flags, missing values, bad numbers and out-of-range ints are errors whose
- * message names the flag and its environment variable. */
+ * message names the flag and its environment variable. An empty environment variable
+ * counts as unset. A bool flag takes no separate value; --flag=false is accepted.
+ * --help (or -h) anywhere prints help to stdout and returns CONFIG_EXIT_HELP. */
 config_result_t config_parse(const config_option_t *options, size_t count, int argc, char **argv,
                              const char *usage, char *err, size_t errlen);
 

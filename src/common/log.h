@@ -23,7 +23,9 @@ bool log_enabled(log_level_t level);
 
 /* Writes one line: ts=<RFC3339 ms> level=<l> prog=<program> event=<event> <fields>
  * `fields` is a printf format for further key=value pairs; values that may hold
- * spaces or quotes should go through %s with log_quote(). One write(2) per line. */
+ * spaces or quotes should go through %s with log_quote(). One write(2) per line.
+ * fields may be NULL when there is nothing to add. Lines over 8 KiB are cut and end
+ * with truncated=true. */
 void log_event(log_level_t level, const char *event, const char *fields, ...)
     __attribute__((format(printf, 3, 4)));
 
