@@ -169,11 +169,12 @@ def procs(tmp_path, request):
     yield Starter()
     for p in reversed(started):
         p.stop(timeout=10)
-        p.log.close()
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for p in started:
             sys.stderr.write("\n----- %s (%s) -----\n%s" % (p.name, " ".join(p.argv), p.output()[-6000:]))
+    for p in started:
+        p.log.close()
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
