@@ -20,7 +20,13 @@ DECLARE r text;
 BEGIN
     FOREACH r IN ARRAY ARRAY['dispatch_gateway', 'dispatch_daemon', 'dispatch_admin'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            -- The migration lock is per database: a migrator of another database
+            -- of the same cluster may create the role at the same moment.
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
         END IF;
     END LOOP;
 END
@@ -113,6 +119,10 @@ CREATE TABLE dispatch.jobs (
 CREATE INDEX jobs_queued ON dispatch.jobs (model, priority DESC, run_at, id) WHERE state = 'queued';
 CREATE INDEX jobs_leased_by ON dispatch.jobs (leased_by) WHERE state = 'leased';
 CREATE INDEX jobs_lease_expiry ON dispatch.jobs (lease_expires_at) WHERE state = 'leased';
+-- Queued jobs that may be due later than their submit (retries in backoff, hand-backs,
+-- requeues): what next_wake looks for. A fresh submit has run_at = created_at and is
+-- not in it, so next_wake does not scan a deep queue of ready work.
+CREATE INDEX jobs_delayed ON dispatch.jobs (model, run_at) WHERE state = 'queued' AND run_at > created_at;
 CREATE UNIQUE INDEX jobs_idempotency_key ON dispatch.jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE TABLE dispatch.api_keys (
@@ -411,7 +421,8 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         WHEN json_typeof(r) IS DISTINCT FROM 'object' THEN 'each request must be a JSON object'
         WHEN json_typeof(r->'model') IS DISTINCT FROM 'string' OR length(r->>'model') NOT BETWEEN 1 AND 256
             THEN 'model must be a string of 1 to 256 characters'
-        WHEN r->'endpoint' IS NOT NULL AND (json_typeof(r->'endpoint') <> 'string'
+        WHEN r->'endpoint' IS NOT NULL AND json_typeof(r->'endpoint') <> 'null'
+             AND (json_typeof(r->'endpoint') <> 'string'
              OR (r->>'endpoint') !~ '^/[A-Za-z0-9/_.-]{0,255}$')
             THEN 'endpoint must be a path such as /v1/chat/completions'
         WHEN r->'payload' IS NULL OR json_typeof(r->'payload') = 'null' THEN 'payload is required'
@@ -545,15 +556,26 @@ BEGIN
     LEFT JOIN ins i ON i.id = a.new_id;
 
     -- A keyed element whose insert was skipped lost a race with a concurrent
-    -- submit of the same key (which has committed by now): it takes that job.
+    -- submit of the same key (which has committed by now), or repeats a key of an
+    -- earlier element of this batch: it takes that job if the request is the same,
+    -- and is refused with PD008 like any other reuse of the key if it is not.
     IF EXISTS (SELECT 1 FROM unnest(v_out) o WHERE o.sqlstate = 'lost') THEN
         SELECT array_agg(CASE WHEN o.sqlstate = 'lost'
-                              THEN ROW(o.idx, j.id, CASE WHEN j.id IS NULL THEN 'PD003' END,
-                                       CASE WHEN j.id IS NULL THEN 'idempotent submit raced and lost; retry' END,
+                              THEN ROW(o.idx, j.id,
+                                       CASE WHEN j.id IS NULL THEN 'PD003' WHEN x.mismatch THEN 'PD008' END,
+                                       CASE WHEN j.id IS NULL THEN 'idempotent submit raced and lost; retry'
+                                            WHEN x.mismatch THEN
+                                                format('idempotency key "%s" was already used for a different request (job %s)',
+                                                       o.idempotency_key, j.id) END,
                                        o.model, false, o.idempotency_key)::dispatch.submit_outcome
                               ELSE o END ORDER BY o.idx)
         INTO v_out
-        FROM unnest(v_out) o LEFT JOIN dispatch.jobs j ON o.sqlstate = 'lost' AND j.idempotency_key = o.idempotency_key;
+        FROM unnest(v_out) o
+        LEFT JOIN dispatch.jobs j ON o.sqlstate = 'lost' AND j.idempotency_key = o.idempotency_key
+        LEFT JOIN LATERAL (SELECT j.model <> o.model
+                                  OR j.endpoint <> coalesce(p_requests->(o.idx - 1)->>'endpoint', '/v1/chat/completions')
+                                  OR j.payload::text <> (p_requests->(o.idx - 1)->'payload')::text AS mismatch) x
+               ON j.id IS NOT NULL;
     END IF;
 
     PERFORM dispatch._notify_models(array_agg(o.model)) FROM unnest(v_out) o WHERE o.inserted;
@@ -582,10 +604,12 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE r record;
 BEGIN
     SELECT * INTO r FROM dispatch.submit_many(
-        json_build_array(json_strip_nulls(json_build_object(
+        -- No json_strip_nulls here: it is recursive and would rewrite the payload,
+        -- which is stored as sent. Absent optional fields are JSON nulls.
+        json_build_array(json_build_object(
             'model', p_model, 'endpoint', p_endpoint, 'payload', p_payload, 'priority', p_priority,
             'timeout_ms', (extract(epoch FROM p_timeout) * 1000)::bigint,
-            'max_attempts', p_max_attempts, 'idempotency_key', p_idempotency_key))),
+            'max_attempts', p_max_attempts, 'idempotency_key', p_idempotency_key)),
         p_reply_channel);
     IF r.sqlstate IS NOT NULL THEN
         RAISE EXCEPTION '%', r.message USING ERRCODE = r.sqlstate;
@@ -757,7 +781,10 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE v_models text[];
 BEGIN
     WITH back AS (
-        UPDATE dispatch.jobs SET state = 'queued', run_at = now(), leased_by = NULL, lease_expires_at = NULL
+        -- The attempt number stays (it is the fencing token of the abandoned lease);
+        -- one more allowed attempt keeps the hand-back from counting as a failure.
+        UPDATE dispatch.jobs SET state = 'queued', run_at = now(), leased_by = NULL, lease_expires_at = NULL,
+            max_attempts = least(100, max_attempts + 1)
         WHERE state = 'leased' AND leased_by = p_node_id
         RETURNING model
     )
@@ -795,7 +822,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT least(
         (SELECT min(r.run_at) FROM unnest(n.models) m(model),
              LATERAL (SELECT j.run_at FROM dispatch.jobs j
+                      -- run_at > now() >= created_at: only jobs_delayed rows qualify.
                       WHERE j.state = 'queued' AND j.model = m.model AND j.run_at > now()
+                        AND j.run_at > j.created_at
                       ORDER BY j.run_at LIMIT 1) r),
         (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
          WHERE j.state = 'leased' AND j.model = ANY (n.models)))
@@ -803,6 +832,37 @@ $$;
 COMMENT ON FUNCTION dispatch._next_wake(dispatch.nodes) IS
 'Internal: earliest future moment a node has reason to look: a delayed retry on its
 models becoming due, or a lease on its models running out.';
+
+CREATE FUNCTION dispatch._take_back_expired(p_models text[], p_limit integer)
+RETURNS TABLE (id bigint, state text, reply_channel text, model text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH gone AS (
+        SELECT j.id FROM dispatch.jobs j
+        WHERE j.state = 'leased' AND j.lease_expires_at < now()
+          AND (p_models IS NULL OR j.model = ANY (p_models))
+        ORDER BY j.lease_expires_at LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE dispatch.jobs j SET
+        state = CASE WHEN j.deadline <= now() THEN 'expired'
+                     WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        error = jsonb_build_object('code', CASE WHEN j.deadline <= now() THEN 'deadline_exceeded' ELSE 'lease_expired' END,
+                                   'message', format('lease of attempt %s held by node %s expired at %s',
+                                                     j.attempt, j.leased_by, j.lease_expires_at)),
+        run_at = now(),
+        finished_at = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN clock_timestamp() END,
+        leased_by = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN j.leased_by END,
+        lease_expires_at = NULL
+    FROM gone WHERE j.id = gone.id
+    RETURNING j.id, j.state, j.reply_channel, j.model;
+END
+$$;
+COMMENT ON FUNCTION dispatch._take_back_expired(text[], integer) IS
+'Internal: leases that ran out (on these models, or all when NULL) go back to the
+queue, or end failed (attempts spent) or expired (deadline passed).';
 
 -- The daemon's one round trip: settle finished jobs, take back expired leases on
 -- its models, lease up to its free slots, and say when to look again.
@@ -839,10 +899,17 @@ BEGIN
     -- 1. Settle outcomes; (id, attempt) is the fencing token.
     IF p_outcomes IS NOT NULL THEN
         -- One parse of the whole array; "result" keeps the provider's bytes.
+        -- id, attempt and retryable are read as text and converted only when well
+        -- formed, so a malformed outcome is refused with 22023, never a cast error.
         WITH o AS MATERIALIZED (
-            SELECT r.id, r.attempt, r.result, r.error, coalesce(r.retryable, false) AS retryable
-            FROM json_to_recordset(p_outcomes) AS r(id bigint, attempt integer, result json, error jsonb,
-                                                    retryable boolean)
+            SELECT CASE WHEN r.id !~ '^\d{1,19}$' THEN NULL
+                        WHEN r.id::numeric > 9223372036854775807 THEN NULL ELSE r.id::bigint END AS id,
+                   CASE WHEN r.attempt ~ '^\d{1,9}$' THEN r.attempt::integer END AS attempt,
+                   r.result, r.error,
+                   CASE WHEN r.retryable IS NULL OR r.retryable = 'false' THEN false
+                        WHEN r.retryable = 'true' THEN true END AS retryable
+            FROM json_to_recordset(p_outcomes) AS r(id text, attempt text, result json, error jsonb,
+                                                    retryable text)
         ),
         settled AS (
             UPDATE dispatch.jobs j SET
@@ -860,7 +927,7 @@ BEGIN
                 lease_expires_at = NULL
             FROM o
             WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'leased' AND j.leased_by = n.id
-            RETURNING j.id, j.state, j.reply_channel, j.model
+            RETURNING j.id, j.attempt, j.state, j.reply_channel, j.model
         )
         SELECT array_agg(s.id) FILTER (WHERE s.state <> 'queued'),
                array_agg(s.reply_channel) FILTER (WHERE s.state <> 'queued'),
@@ -868,9 +935,9 @@ BEGIN
                array_cat(v_out, array_agg(ROW('stale', o.id, o.attempt, NULL, NULL, NULL, NULL, NULL)::dispatch.exchange_row)
                                 FILTER (WHERE s.id IS NULL)),
                count(*) FILTER (WHERE o.id IS NULL OR o.attempt IS NULL OR (o.result IS NULL) = (o.error IS NULL)
-                                      OR jsonb_typeof(o.error) <> 'object')
+                                      OR jsonb_typeof(o.error) <> 'object' OR o.retryable IS NULL)
         INTO v_done_ids, v_done_channels, v_wake_models, v_out, v_malformed
-        FROM o LEFT JOIN settled s ON s.id = o.id;
+        FROM o LEFT JOIN settled s ON s.id = o.id AND s.attempt = o.attempt;
         IF v_malformed > 0 THEN
             RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
                 USING ERRCODE = '22023';
@@ -880,31 +947,11 @@ BEGIN
     -- 2. Lease, if this node may take work.
     IF p_max_jobs > 0 AND n.admin_state = 'active' AND n.health = 'healthy' THEN
         -- Take back expired leases on this node's models (their holders are gone or stuck).
-        WITH gone AS (
-            SELECT j.id FROM dispatch.jobs j
-            WHERE j.state = 'leased' AND j.lease_expires_at < v_now AND j.model = ANY (n.models)
-            ORDER BY j.lease_expires_at LIMIT 1000
-            FOR UPDATE SKIP LOCKED
-        ),
-        back AS (
-            UPDATE dispatch.jobs j SET
-                state = CASE WHEN j.deadline <= v_now THEN 'expired'
-                             WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-                error = jsonb_build_object('code', CASE WHEN j.deadline <= v_now THEN 'deadline_exceeded' ELSE 'lease_expired' END,
-                                           'message', format('lease of attempt %s held by node %s expired at %s',
-                                                             j.attempt, j.leased_by, j.lease_expires_at)),
-                run_at = v_now,
-                finished_at = CASE WHEN j.deadline <= v_now OR j.attempt >= j.max_attempts THEN clock_timestamp() END,
-                leased_by = CASE WHEN j.deadline <= v_now OR j.attempt >= j.max_attempts THEN j.leased_by END,
-                lease_expires_at = NULL
-            FROM gone WHERE j.id = gone.id
-            RETURNING j.id, j.state, j.reply_channel, j.model
-        )
         SELECT array_agg(b.id) FILTER (WHERE b.state <> 'queued'),
                array_agg(b.reply_channel) FILTER (WHERE b.state <> 'queued'),
                array_agg(b.model) FILTER (WHERE b.state = 'queued')
         INTO v_more_ids, v_more_channels, v_more_models
-        FROM back b;
+        FROM dispatch._take_back_expired(n.models, 1000) b;
         v_done_ids := v_done_ids || v_more_ids;
         v_done_channels := v_done_channels || v_more_channels;
         v_wake_models := v_wake_models || v_more_models;
@@ -1112,8 +1159,11 @@ BEGIN
         RAISE EXCEPTION 'role "%" already belongs to another node', v_role USING ERRCODE = '22023';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-        IF (SELECT rolsuper FROM pg_roles WHERE rolname = v_role) THEN
-            RAISE EXCEPTION 'role "%" is a superuser; a node role must not be', v_role USING ERRCODE = '22023';
+        IF (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = v_role)
+           OR v_role IN ('dispatch_gateway', 'dispatch_daemon', 'dispatch_admin')
+           OR pg_has_role(v_role, 'dispatch_gateway', 'MEMBER') OR pg_has_role(v_role, 'dispatch_admin', 'MEMBER') THEN
+            RAISE EXCEPTION 'role "%" cannot be a node role: it is a superuser, can create roles, or is (in) a gateway or admin group',
+                v_role USING ERRCODE = '22023';
         END IF;
         EXECUTE format('GRANT dispatch_daemon TO %I', v_role);
         IF p_password IS NOT NULL THEN
@@ -1185,7 +1235,14 @@ BEGIN
     v_back := dispatch._hand_back(n.id);
     DELETE FROM dispatch.nodes WHERE id = n.id;
     IF n.role_created THEN
-        EXECUTE format('DROP ROLE IF EXISTS %I', n.role_name);
+        BEGIN
+            EXECUTE format('DROP ROLE IF EXISTS %I', n.role_name);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            -- Someone gave the role objects or grants elsewhere: disarm it instead.
+            EXECUTE format('REVOKE dispatch_daemon FROM %I', n.role_name);
+            EXECUTE format('ALTER ROLE %I NOLOGIN', n.role_name);
+            RAISE WARNING 'role "%" owns objects or holds privileges, so it was set NOLOGIN instead of dropped', n.role_name;
+        END;
     ELSE
         EXECUTE format('REVOKE dispatch_daemon FROM %I', n.role_name);
     END IF;
@@ -1278,6 +1335,7 @@ DECLARE
     v_cutoff timestamptz := now() - make_interval(secs => dispatch._setting('retention_seconds'));
     v_ids bigint[];
     v_channels text[];
+    v_models text[];
     v_deleted bigint;
 BEGIN
     IF v_limit < 1 THEN
@@ -1294,6 +1352,14 @@ BEGIN
     SELECT array_agg(id), array_agg(reply_channel) INTO v_ids, v_channels FROM overdue;
     PERFORM dispatch._notify_replies(v_channels, v_ids);
 
+    -- Expired leases on models no live node serves would otherwise wait for one.
+    SELECT array_agg(b.id) FILTER (WHERE b.state <> 'queued'), array_agg(b.reply_channel) FILTER (WHERE b.state <> 'queued'),
+           array_agg(b.model) FILTER (WHERE b.state = 'queued')
+    INTO v_ids, v_channels, v_models
+    FROM dispatch._take_back_expired(NULL, v_limit) b;
+    PERFORM dispatch._notify_replies(v_channels, v_ids);
+    PERFORM dispatch._notify_models(v_models);
+
     WITH gone AS (
         DELETE FROM dispatch.jobs j
         WHERE j.id IN (SELECT x.id FROM dispatch.jobs x
@@ -1307,7 +1373,8 @@ END
 $$;
 COMMENT ON FUNCTION dispatch.prune(integer) IS
 'Maintenance, one batch per call: expires queued jobs past their deadline (telling
-their waiters), then deletes up to p_max_rows (default prune_batch) finished jobs
+their waiters), takes back leases that ran out (also on models no live node serves
+any more), then deletes up to p_max_rows (default prune_batch) finished jobs
 older than retention_seconds, oldest first. Returns rows deleted; call it until it
 returns 0 (for example from cron). Example: SELECT dispatch.prune();';
 

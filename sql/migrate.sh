@@ -14,12 +14,15 @@ run_psql() {
 
 run_psql <<'SQL'
 SET client_min_messages = warning;
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtext('dispatch.migrate')) \g /dev/null
 CREATE SCHEMA IF NOT EXISTS dispatch;
 CREATE TABLE IF NOT EXISTS dispatch.migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+COMMIT;
 SQL
 
 applied=0
@@ -31,7 +34,7 @@ for file in "$here"/[0-9][0-9][0-9]_*.sql; do
     out=$( { cat <<SQL
 SET client_min_messages = warning;
 BEGIN;
-SELECT pg_advisory_xact_lock(hashtext('dispatch.migrate'));
+SELECT pg_advisory_xact_lock(hashtext('dispatch.migrate')) \\g /dev/null
 SELECT NOT EXISTS (SELECT 1 FROM dispatch.migrations WHERE version = $version) AS pending \gset
 \if :pending
 \echo applying $base
