@@ -151,40 +151,75 @@ COMMENT ON FUNCTION dispatch._setting(text) IS
 
 -- The advisory-lock key space of node liveness: (class, node id).
 CREATE FUNCTION dispatch._lock_class() RETURNS integer
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$ SELECT 1885627504 $$;  -- 'pgdp'
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN 1885627504;  -- 'pgdp'
+END
+$$;
 COMMENT ON FUNCTION dispatch._lock_class() IS
 'Internal: first key of the session advisory lock that marks a node as connected.';
 
 CREATE FUNCTION dispatch._live_nodes()
-RETURNS TABLE (node_id integer, pid integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT l.objid::integer, l.pid
+RETURNS TABLE (node_id integer, pid integer, mode text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT l.objid::integer, l.pid, l.mode
     FROM pg_locks l
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
       AND l.classid = dispatch._lock_class()::oid
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
+END
 $$;
 COMMENT ON FUNCTION dispatch._live_nodes() IS
 'Internal: nodes whose liveness lock is held, with the holding backend. A node is live
 when its lock is held by the backend recorded at register.';
 
+-- Is the node's daemon connected? O(1): try to take its liveness lock in shared
+-- mode for this transaction; a connected daemon holds it exclusively, so the try
+-- fails. (Scanning pg_locks instead reads every backend's lock table.) The session
+-- that registered the node holds the lock itself and answers from backend_pid.
+CREATE FUNCTION dispatch._node_live(p_node_id integer, p_backend_pid integer) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_backend_pid IS NULL THEN
+        RETURN false;
+    END IF;
+    IF p_backend_pid = pg_backend_pid() THEN
+        RETURN true;
+    END IF;
+    RETURN NOT pg_try_advisory_xact_lock_shared(dispatch._lock_class(), p_node_id);
+END
+$$;
+COMMENT ON FUNCTION dispatch._node_live(integer, integer) IS
+'Internal: whether a node''s daemon session is connected (holds its liveness lock).
+A dead node''s lock is then held shared by this transaction until it ends, which a
+registering daemon waits out (register waits up to 250 ms for the lock).';
+
 -- Nodes that can take work now: live, active, healthy.
 CREATE FUNCTION dispatch._serving_nodes()
 RETURNS TABLE (id integer, models text[], slots integer, reported boolean)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT n.id, n.models,
            coalesce(n.max_concurrency, dispatch._setting('default_slots_per_node')::integer),
            n.max_concurrency IS NOT NULL
     FROM dispatch.nodes n
-    JOIN dispatch._live_nodes() l ON l.node_id = n.id AND l.pid = n.backend_pid
-    WHERE n.admin_state = 'active' AND n.health = 'healthy'
+    WHERE n.admin_state = 'active' AND n.health = 'healthy' AND n.backend_pid IS NOT NULL
+      AND dispatch._node_live(n.id, n.backend_pid);
+END
 $$;
 COMMENT ON FUNCTION dispatch._serving_nodes() IS
 'Internal: live, active, healthy nodes with their slot counts.';
 
 CREATE FUNCTION dispatch.model_channel(p_model text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT 'dispatch_m_' || md5(p_model)
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN 'dispatch_m_' || md5(p_model);
+END
 $$;
 COMMENT ON FUNCTION dispatch.model_channel(text) IS
 'The LISTEN channel woken when work for a model is submitted. Any model name (long,
@@ -192,8 +227,10 @@ with slashes, colons or non-ASCII) maps to a valid 43-character identifier.
 Example: SELECT dispatch.model_channel(''meta-llama/Llama-3.1-8B:q4'');';
 
 CREATE FUNCTION dispatch.node_channel(p_node_id integer) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT 'dispatch_n_' || p_node_id
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN 'dispatch_n_' || p_node_id;
+END
 $$;
 COMMENT ON FUNCTION dispatch.node_channel(integer) IS
 'The LISTEN channel on which a node is told to abort a job (payload: the job id).';
@@ -231,11 +268,13 @@ COMMENT ON FUNCTION dispatch._notify_models(text[]) IS
 'Internal: wake the daemons serving these models (one NOTIFY per distinct model).';
 
 CREATE FUNCTION dispatch._backoff(p_attempt integer) RETURNS interval
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT make_interval(secs => least(
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT make_interval(secs => least(
         dispatch._setting('retry_cap_ms'),
         dispatch._setting('retry_base_ms') * power(dispatch._setting('retry_factor'), greatest(p_attempt - 1, 0))
-    ) / 1000.0)
+    ) / 1000.0));
+END
 $$;
 COMMENT ON FUNCTION dispatch._backoff(integer) IS
 'Internal: the wait before retrying after attempt N failed: base * factor^(N-1), capped.';
@@ -303,7 +342,10 @@ COMMENT ON FUNCTION dispatch._check_models(text[]) IS
 
 CREATE FUNCTION dispatch._capacity(p_only_model text)
 RETURNS TABLE (model text, capacity integer, tier text, live_nodes integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH serving AS (SELECT * FROM dispatch._serving_nodes()),
     known AS (
         SELECT unnest(n.models) AS model FROM dispatch.nodes n
@@ -329,7 +371,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                 ELSE 'mixed' END,
            p.live_nodes
     FROM per_model p
-    LEFT JOIN dispatch.capacity_overrides o ON o.model = p.model
+    LEFT JOIN dispatch.capacity_overrides o ON o.model = p.model;
+END
 $$;
 COMMENT ON FUNCTION dispatch._capacity(text) IS
 'Internal: capacity and its tier for every known model (or one): override, reported, mixed, fallback.';
@@ -337,13 +380,17 @@ COMMENT ON FUNCTION dispatch._capacity(text) IS
 CREATE FUNCTION dispatch.capacity()
 RETURNS TABLE (model text, capacity integer, tier text, live_nodes integer,
                in_flight integer, queued bigint, queue_limit bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT c.model, c.capacity, c.tier, c.live_nodes,
            (SELECT count(*) FROM dispatch.jobs j WHERE j.state = 'leased' AND j.model = c.model)::integer,
            (SELECT count(*) FROM dispatch.jobs j WHERE j.state = 'queued' AND j.model = c.model),
            (c.capacity * dispatch._setting('queue_depth_per_slot'))::bigint
     FROM dispatch._capacity(NULL) c
-    ORDER BY c.model
+    ORDER BY c.model;
+END
 $$;
 COMMENT ON FUNCTION dispatch.capacity() IS
 'Capacity per model with the tier it comes from (override | reported | mixed | fallback),
@@ -367,9 +414,11 @@ COMMENT ON FUNCTION dispatch.set_capacity(text, integer) IS
 over what nodes report. Example: SELECT dispatch.set_capacity(''llama3'', 16);';
 
 CREATE FUNCTION dispatch.clear_capacity(p_model text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH d AS (DELETE FROM dispatch.capacity_overrides WHERE model = p_model RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM d)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM dispatch.capacity_overrides WHERE model = p_model;
+    RETURN FOUND;
+END
 $$;
 COMMENT ON FUNCTION dispatch.clear_capacity(text) IS
 'Removes a capacity override; true if there was one. Example: SELECT dispatch.clear_capacity(''llama3'');';
@@ -380,8 +429,12 @@ COMMENT ON FUNCTION dispatch.clear_capacity(text) IS
 
 CREATE FUNCTION dispatch.settings()
 RETURNS TABLE (key text, value numeric, min_value numeric, max_value numeric, description text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT key, value, min_value, max_value, description FROM dispatch.settings ORDER BY key
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT key, value, min_value, max_value, description FROM dispatch.settings ORDER BY key;
+END
 $$;
 COMMENT ON FUNCTION dispatch.settings() IS
 'Every setting with its value, allowed range and meaning. Example: SELECT * FROM dispatch.settings();';
@@ -416,8 +469,9 @@ Example: SELECT dispatch.set_setting(''lease_seconds'', 120);';
 
 -- Why a request element is unacceptable, or NULL when it is fine.
 CREATE FUNCTION dispatch._request_problem(r json) RETURNS text
-LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT CASE
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT CASE
         WHEN json_typeof(r) IS DISTINCT FROM 'object' THEN 'each request must be a JSON object'
         WHEN json_typeof(r->'model') IS DISTINCT FROM 'string' OR length(r->>'model') NOT BETWEEN 1 AND 256
             THEN 'model must be a string of 1 to 256 characters'
@@ -440,7 +494,8 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         WHEN r->'idempotency_key' IS NOT NULL AND json_typeof(r->'idempotency_key') <> 'null'
              AND (json_typeof(r->'idempotency_key') <> 'string' OR length(r->>'idempotency_key') NOT BETWEEN 1 AND 255)
             THEN 'idempotency_key must be a string of 1 to 255 characters'
-    END
+    END);
+END
 $$;
 COMMENT ON FUNCTION dispatch._request_problem(json) IS
 'Internal: the reason a submit element is malformed, or NULL.';
@@ -626,9 +681,13 @@ Example: SELECT dispatch.submit(''llama3'', ''/v1/chat/completions'',
 CREATE FUNCTION dispatch.results(p_ids bigint[])
 RETURNS TABLE (id bigint, state text, attempt integer, result json, error jsonb,
                model text, created_at timestamptz, started_at timestamptz, finished_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT j.id, j.state, j.attempt, j.result, j.error, j.model, j.created_at, j.started_at, j.finished_at
-    FROM dispatch.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id
+    FROM dispatch.jobs j WHERE j.id = ANY (p_ids) ORDER BY j.id;
+END
 $$;
 COMMENT ON FUNCTION dispatch.results(bigint[]) IS
 'State, attempt, result and error of the given jobs (unknown ids are absent).
@@ -678,9 +737,11 @@ CREATE TYPE dispatch.node_session AS (node_id integer, node_name text, node_chan
                                       model_channels text[]);
 
 CREATE FUNCTION dispatch._node_session(n dispatch.nodes) RETURNS dispatch.node_session
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT ROW(n.id, n.name, dispatch.node_channel(n.id),
-               ARRAY(SELECT dispatch.model_channel(m) FROM unnest(n.models) m))::dispatch.node_session
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT ROW(n.id, n.name, dispatch.node_channel(n.id),
+               ARRAY(SELECT dispatch.model_channel(m) FROM unnest(n.models) m))::dispatch.node_session);
+END
 $$;
 COMMENT ON FUNCTION dispatch._node_session(dispatch.nodes) IS
 'Internal: what a daemon needs after register/report: its id, name and channels to LISTEN on.';
@@ -693,6 +754,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n dispatch.nodes := dispatch._session_node(false);
     v_holder record;
+    v_lock_timeout text;
 BEGIN
     IF p_provider_family IS NULL OR p_provider_family !~ '^[a-z0-9_.-]{1,32}$' THEN
         RAISE EXCEPTION 'provider family must be 1 to 32 of a-z 0-9 _ . -, got "%"', p_provider_family
@@ -709,17 +771,24 @@ BEGIN
     END IF;
 
     -- The liveness lock: held by this backend for as long as its connection lives.
-    IF NOT EXISTS (SELECT 1 FROM dispatch._live_nodes() l WHERE l.node_id = n.id AND l.pid = pg_backend_pid()) THEN
-        IF NOT pg_try_advisory_lock(dispatch._lock_class(), n.id) THEN
+    -- Wait briefly rather than try once: another session probing liveness may hold
+    -- it shared for the rest of its transaction (see _node_live).
+    IF n.backend_pid IS DISTINCT FROM pg_backend_pid() THEN
+        v_lock_timeout := current_setting('lock_timeout');
+        PERFORM set_config('lock_timeout', '250ms', true);
+        BEGIN
+            PERFORM pg_advisory_lock(dispatch._lock_class(), n.id);
+        EXCEPTION WHEN lock_not_available THEN
             SELECT a.pid, a.usename, a.client_addr, a.backend_start INTO v_holder
             FROM dispatch._live_nodes() l JOIN pg_stat_activity a ON a.pid = l.pid
-            WHERE l.node_id = n.id;
+            WHERE l.node_id = n.id AND l.mode = 'ExclusiveLock';
             RAISE EXCEPTION 'node "%" already has a live session (backend pid %, role %, from %, since %)',
                 n.name, v_holder.pid, v_holder.usename, coalesce(v_holder.client_addr::text, 'local socket'),
                 v_holder.backend_start
                 USING ERRCODE = 'PD006',
                       HINT = 'Stop the other daemon, or end its session with SELECT dispatch.revoke(...) / pg_terminate_backend.';
-        END IF;
+        END;
+        PERFORM set_config('lock_timeout', v_lock_timeout, true);
     END IF;
 
     UPDATE dispatch.nodes SET
@@ -818,8 +887,9 @@ CREATE TYPE dispatch.exchange_row AS (kind text, id bigint, attempt integer, mod
                                       payload json, deadline timestamptz, lease_expires_at timestamptz);
 
 CREATE FUNCTION dispatch._next_wake(n dispatch.nodes) RETURNS timestamptz
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT least(
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT least(
         (SELECT min(r.run_at) FROM unnest(n.models) m(model),
              LATERAL (SELECT j.run_at FROM dispatch.jobs j
                       -- run_at > now() >= created_at: only jobs_delayed rows qualify.
@@ -827,7 +897,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                         AND j.run_at > j.created_at
                       ORDER BY j.run_at LIMIT 1) r),
         (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
-         WHERE j.state = 'leased' AND j.model = ANY (n.models)))
+         WHERE j.state = 'leased' AND j.model = ANY (n.models))));
+END
 $$;
 COMMENT ON FUNCTION dispatch._next_wake(dispatch.nodes) IS
 'Internal: earliest future moment a node has reason to look: a delayed retry on its
@@ -1038,9 +1109,13 @@ Example: SELECT * FROM dispatch.exchange(''[{"id":7,"attempt":1,"result":{"ok":t
 CREATE FUNCTION dispatch.lease(p_max_jobs integer)
 RETURNS TABLE (id bigint, attempt integer, model text, endpoint text, payload json,
                deadline timestamptz, lease_expires_at timestamptz)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT e.id, e.attempt, e.model, e.endpoint, e.payload, e.deadline, e.lease_expires_at
-    FROM dispatch.exchange(NULL, p_max_jobs) e WHERE e.kind = 'job'
+    FROM dispatch.exchange(NULL, p_max_jobs) e WHERE e.kind = 'job';
+END
 $$;
 COMMENT ON FUNCTION dispatch.lease(integer) IS
 'Leases up to p_max_jobs jobs for the calling node (never more than its free slots),
@@ -1049,8 +1124,10 @@ back expired leases first. Same as dispatch.exchange(NULL, p_max_jobs) without t
 wake row. Example: SELECT * FROM dispatch.lease(4);';
 
 CREATE FUNCTION dispatch.next_wake() RETURNS timestamptz
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._next_wake(dispatch._session_node(true))
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT dispatch._next_wake(dispatch._session_node(true)));
+END
 $$;
 COMMENT ON FUNCTION dispatch.next_wake() IS
 'The earliest future moment the calling node has reason to look again (a delayed
@@ -1070,9 +1147,11 @@ COMMENT ON FUNCTION dispatch._settle_one(bigint, integer, json) IS
 'Internal: settle one outcome through exchange, raising PD004 when fencing refuses it.';
 
 CREATE FUNCTION dispatch.complete(p_id bigint, p_attempt integer, p_result json) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._settle_one(p_id, p_attempt,
-        json_build_object('id', p_id, 'attempt', p_attempt, 'result', coalesce(p_result, 'null'::json)))
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch._settle_one(p_id, p_attempt,
+        json_build_object('id', p_id, 'attempt', p_attempt, 'result', coalesce(p_result, 'null'::json)));
+END
 $$;
 COMMENT ON FUNCTION dispatch.complete(bigint, integer, json) IS
 'Marks attempt p_attempt of job p_id succeeded with p_result. Raises PD004 when that
@@ -1080,10 +1159,12 @@ attempt no longer holds the lease (taken back, cancelled, or another node''s job
 Batched form: dispatch.exchange. Example: SELECT dispatch.complete(7, 1, ''{"choices":[]}'');';
 
 CREATE FUNCTION dispatch.fail(p_id bigint, p_attempt integer, p_error jsonb, p_retryable boolean) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._settle_one(p_id, p_attempt,
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM dispatch._settle_one(p_id, p_attempt,
         json_build_object('id', p_id, 'attempt', p_attempt, 'error', coalesce(p_error, '{}'::jsonb),
-                          'retryable', coalesce(p_retryable, false)))
+                          'retryable', coalesce(p_retryable, false)));
+END
 $$;
 COMMENT ON FUNCTION dispatch.fail(bigint, integer, jsonb, boolean) IS
 'Records a failed attempt. Retryable: back to the queue after backoff while attempts
@@ -1202,24 +1283,30 @@ COMMENT ON FUNCTION dispatch._set_admin_state(text, text) IS
 'Internal: change a node''s admin state.';
 
 CREATE FUNCTION dispatch.drain(p_name text) RETURNS text
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._set_admin_state(p_name, 'draining')
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT dispatch._set_admin_state(p_name, 'draining'));
+END
 $$;
 COMMENT ON FUNCTION dispatch.drain(text) IS
 'Stops a node from taking new work; what it holds finishes. Its capacity leaves the
 model totals at once. Example: SELECT dispatch.drain(''gpu-a'');';
 
 CREATE FUNCTION dispatch.disable(p_name text) RETURNS text
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._set_admin_state(p_name, 'disabled')
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT dispatch._set_admin_state(p_name, 'disabled'));
+END
 $$;
 COMMENT ON FUNCTION dispatch.disable(text) IS
 'Takes a node out of service (no new work, no capacity) until enabled; unlike
 revoke it keeps its role and session. Example: SELECT dispatch.disable(''gpu-a'');';
 
 CREATE FUNCTION dispatch.enable(p_name text) RETURNS text
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT dispatch._set_admin_state(p_name, 'active')
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT dispatch._set_admin_state(p_name, 'active'));
+END
 $$;
 COMMENT ON FUNCTION dispatch.enable(text) IS
 'Returns a drained or disabled node to service and wakes it.
@@ -1231,7 +1318,7 @@ DECLARE
     n dispatch.nodes := dispatch._node_by_name(p_name);
     v_back integer;
 BEGIN
-    PERFORM pg_terminate_backend(l.pid) FROM dispatch._live_nodes() l WHERE l.node_id = n.id;
+    PERFORM pg_terminate_backend(l.pid) FROM dispatch._live_nodes() l WHERE l.node_id = n.id AND l.mode = 'ExclusiveLock';
     v_back := dispatch._hand_back(n.id);
     DELETE FROM dispatch.nodes WHERE id = n.id;
     IF n.role_created THEN
@@ -1260,7 +1347,10 @@ RETURNS TABLE (name text, role_name name, provider_family text, models text[], m
                slots integer, region text, labels jsonb, admin_state text, health text, health_reason text,
                live boolean, backend_pid integer, in_flight bigint, last_poll_started_at timestamptz,
                last_poll_completed_at timestamptz, registered_at timestamptz, enrolled_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT n.name, n.role_name, n.provider_family, n.models, n.max_concurrency,
            coalesce(n.max_concurrency, dispatch._setting('default_slots_per_node')::integer),
            n.region, n.labels, n.admin_state, n.health, n.health_reason,
@@ -1269,7 +1359,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            n.last_poll_started_at, n.last_poll_completed_at, n.registered_at, n.enrolled_at
     FROM dispatch.nodes n
     LEFT JOIN dispatch._live_nodes() l ON l.node_id = n.id AND l.pid = n.backend_pid
-    ORDER BY n.name
+    ORDER BY n.name;
+END
 $$;
 COMMENT ON FUNCTION dispatch.nodes() IS
 'Every enrolled node: what it serves, its slots, admin state, health, whether it is
@@ -1279,7 +1370,10 @@ Example: SELECT name, live, health, in_flight FROM dispatch.nodes();';
 CREATE FUNCTION dispatch.queues()
 RETURNS TABLE (model text, queued bigint, ready bigint, leased bigint, oldest_ready_at timestamptz,
                capacity integer, tier text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT q.model, q.queued, q.ready, q.leased, q.oldest_ready_at, c.capacity, c.tier
     FROM (SELECT j.model,
                  count(*) FILTER (WHERE j.state = 'queued') AS queued,
@@ -1288,7 +1382,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                  min(j.run_at) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS oldest_ready_at
           FROM dispatch.jobs j WHERE j.state IN ('queued', 'leased') GROUP BY j.model) q
     LEFT JOIN dispatch._capacity(NULL) c ON c.model = q.model
-    ORDER BY q.model
+    ORDER BY q.model;
+END
 $$;
 COMMENT ON FUNCTION dispatch.queues() IS
 'Unfinished work per model: queued (ready now or delayed), leased, the oldest ready
@@ -1384,9 +1479,13 @@ returns 0 (for example from cron). Example: SELECT dispatch.prune();';
 
 CREATE FUNCTION dispatch.models()
 RETURNS TABLE (model text, live_nodes integer, capacity integer, tier text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     SELECT c.model, c.live_nodes, c.capacity, c.tier
-    FROM dispatch._capacity(NULL) c WHERE c.live_nodes > 0 ORDER BY c.model
+    FROM dispatch._capacity(NULL) c WHERE c.live_nodes > 0 ORDER BY c.model;
+END
 $$;
 COMMENT ON FUNCTION dispatch.models() IS
 'Models that at least one live, active, healthy node serves now, with capacity and
@@ -1394,7 +1493,10 @@ tier: what GET /v1/models lists. Example: SELECT * FROM dispatch.models();';
 
 CREATE FUNCTION dispatch.health()
 RETURNS TABLE (kind text, subject text, detail text, since timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH serving AS (SELECT * FROM dispatch._serving_nodes()),
     live AS (SELECT n.*, l.pid FROM dispatch.nodes n
              JOIN dispatch._live_nodes() l ON l.node_id = n.id AND l.pid = n.backend_pid),
@@ -1434,7 +1536,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT 'notification_backlog', 'pg_notify',
            format('notification queue %s%% full: a listener is not reading (see stale nodes; revoke or restart it)',
                   round((pg_notification_queue_usage() * 100)::numeric, 1)), now()
-    WHERE pg_notification_queue_usage() >= 0.05
+    WHERE pg_notification_queue_usage() >= 0.05;
+END
 $$;
 COMMENT ON FUNCTION dispatch.health() IS
 'Problems now, one row each: stuck_queue (ready work for a model no live healthy node
@@ -1445,7 +1548,10 @@ No rows: all is well. Example: SELECT * FROM dispatch.health();';
 
 CREATE FUNCTION dispatch.metrics()
 RETURNS TABLE (name text, labels jsonb, value double precision)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH cap AS (SELECT * FROM dispatch.capacity()),
          h AS (SELECT * FROM dispatch.health()),
          nd AS (SELECT * FROM dispatch.nodes())
@@ -1461,7 +1567,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                      count(*) FILTER (WHERE nd.live AND nd.health = 'degraded')::float8 FROM nd
     UNION ALL SELECT 'pgdispatch_nodes', jsonb_build_object('state', 'stale'),
                      (SELECT count(DISTINCT h.subject) FROM h WHERE h.kind = 'stale_node')::float8
-    UNION ALL SELECT 'pgdispatch_notification_queue_usage', '{}'::jsonb, pg_notification_queue_usage()
+    UNION ALL SELECT 'pgdispatch_notification_queue_usage', '{}'::jsonb, pg_notification_queue_usage();
+END
 $$;
 COMMENT ON FUNCTION dispatch.metrics() IS
 'Control-plane gauges for the Prometheus endpoint, one row per sample: capacity (with
@@ -1470,8 +1577,10 @@ disconnected, degraded and stale; notification queue usage (0..1).
 Example: SELECT * FROM dispatch.metrics();';
 
 CREATE FUNCTION dispatch.schema_version() RETURNS integer
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT max(version) FROM dispatch.migrations
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT max(version) FROM dispatch.migrations);
+END
 $$;
 COMMENT ON FUNCTION dispatch.schema_version() IS
 'The newest applied migration: the gateway''s readiness check compares it with the
@@ -1498,25 +1607,33 @@ COMMENT ON FUNCTION dispatch.create_api_key(text) IS
 is the one time it is shown. Example: SELECT dispatch.create_api_key(''team-a'');';
 
 CREATE FUNCTION dispatch.revoke_api_key(p_name text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH d AS (DELETE FROM dispatch.api_keys WHERE name = p_name RETURNING 1)
-    SELECT EXISTS (SELECT 1 FROM d)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM dispatch.api_keys WHERE name = p_name;
+    RETURN FOUND;
+END
 $$;
 COMMENT ON FUNCTION dispatch.revoke_api_key(text) IS
 'Deletes an API key; true if it existed. Gateways stop accepting it when their short
 cache entry lapses. Example: SELECT dispatch.revoke_api_key(''team-a'');';
 
 CREATE FUNCTION dispatch.api_keys() RETURNS TABLE (name text, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT k.name, k.created_at FROM dispatch.api_keys k ORDER BY k.name
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT k.name, k.created_at FROM dispatch.api_keys k ORDER BY k.name;
+END
 $$;
 COMMENT ON FUNCTION dispatch.api_keys() IS
 'Names and creation times of the API keys (never the keys). Example: SELECT * FROM dispatch.api_keys();';
 
 CREATE FUNCTION dispatch.check_api_key(p_key text) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT 1 FROM dispatch.api_keys
-                   WHERE key_hash = sha256(convert_to(coalesce(p_key, ''), 'UTF8')))
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT EXISTS (SELECT 1 FROM dispatch.api_keys
+                   WHERE key_hash = sha256(convert_to(coalesce(p_key, ''), 'UTF8'))));
+END
 $$;
 COMMENT ON FUNCTION dispatch.check_api_key(text) IS
 'True when p_key is a current API key (compared by hash).
