@@ -1,0 +1,276 @@
+/* lease: what the daemon says to the control plane and how it reads the answers:
+ * the outbox of finished attempts (JSON built here, settled by dispatch.exchange),
+ * the statement texts, and parsing of exchange rows. Owns the outbox memory only. */
+#include "lease.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char LEASE_SQL_REGISTER[] =
+    "SELECT node_id, node_name, node_channel, array_to_string(model_channels, ',') "
+    "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb)";
+const char LEASE_SQL_EXCHANGE[] =
+    "SELECT kind, id, attempt, model, endpoint, payload, "
+    "(extract(epoch FROM deadline - now()) * 1000)::bigint, "
+    "(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint "
+    "FROM dispatch.exchange($1::json, $2::int)";
+const char LEASE_SQL_EXTEND[] =
+    "SELECT id, attempt, ok, (extract(epoch FROM lease_expires_at - now()) * 1000)::bigint "
+    "FROM dispatch.extend($1::bigint[], $2::int[])";
+const char LEASE_SQL_REPORT[] =
+    "SELECT node_id FROM dispatch.report($1, $2, $3::int)";
+const char LEASE_SQL_DEREGISTER[] = "SELECT dispatch.deregister()";
+
+void lease_outbox_init(lease_outbox_t *ob)
+{
+    memset(ob, 0, sizeof *ob);
+}
+
+void lease_outbox_free(lease_outbox_t *ob)
+{
+    buf_free(&ob->json);
+    free(ob->meta);
+    memset(ob, 0, sizeof *ob);
+}
+
+/* Records the entry just appended at [start, json.len); rolls it back on OOM. */
+static int outbox_commit(lease_outbox_t *ob, size_t start, int64_t id, int32_t attempt, bool rewritten)
+{
+    if (!ob->json.oom)
+        buf_append_char(&ob->json, ',');
+    if (ob->json.oom)
+        goto fail;
+    if (ob->count == ob->cap) {
+        size_t cap = ob->cap ? ob->cap * 2 : 16;
+        lease_outcome_meta_t *m = realloc(ob->meta, cap * sizeof *m);
+        if (m == NULL)
+            goto fail;
+        ob->meta = m;
+        ob->cap = cap;
+    }
+    ob->meta[ob->count++] = (lease_outcome_meta_t){ id, attempt, rewritten, ob->json.len };
+    return 0;
+fail:
+    ob->json.oom = false;
+    ob->json.len = start;
+    if (ob->json.data)
+        ob->json.data[start] = '\0';
+    return -1;
+}
+
+int lease_outbox_add_result(lease_outbox_t *ob, int64_t id, int32_t attempt, const char *body, size_t len)
+{
+    size_t start = ob->json.len;
+
+    buf_printf(&ob->json, "{\"id\":%lld,\"attempt\":%d,\"result\":", (long long)id, (int)attempt);
+    buf_append(&ob->json, body, len);
+    buf_append_char(&ob->json, '}');
+    return outbox_commit(ob, start, id, attempt, false);
+}
+
+static int outbox_add_error(lease_outbox_t *ob, int64_t id, int32_t attempt, const lease_error_t *e,
+                            bool rewritten)
+{
+    size_t start = ob->json.len;
+    const char *msg = e->message ? e->message : "";
+
+    buf_printf(&ob->json, "{\"id\":%lld,\"attempt\":%d,\"error\":{\"code\":", (long long)id, (int)attempt);
+    buf_append_json_string(&ob->json, e->code, strlen(e->code));
+    buf_append_str(&ob->json, ",\"message\":");
+    buf_append_json_string(&ob->json, msg, strlen(msg));
+    if (e->status > 0)
+        buf_printf(&ob->json, ",\"status\":%ld", e->status);
+    if (e->body != NULL) {
+        size_t n = e->body_len < LEASE_ERROR_BODY_MAX ? e->body_len : LEASE_ERROR_BODY_MAX;
+        buf_append_str(&ob->json, ",\"body\":");
+        buf_append_json_string(&ob->json, e->body, n);
+        if (n < e->body_len)
+            buf_printf(&ob->json, ",\"body_truncated_from\":%zu", e->body_len);
+    }
+    buf_printf(&ob->json, "},\"retryable\":%s}", e->retryable ? "true" : "false");
+    return outbox_commit(ob, start, id, attempt, rewritten);
+}
+
+int lease_outbox_add_error(lease_outbox_t *ob, int64_t id, int32_t attempt, const lease_error_t *e)
+{
+    return outbox_add_error(ob, id, attempt, e, false);
+}
+
+size_t lease_outbox_take(lease_outbox_t *ob, size_t max, buf_t *param)
+{
+    size_t n = ob->count < max ? ob->count : max;
+
+    buf_reset(param);
+    buf_append_char(param, '[');
+    if (n > 0)
+        buf_append(param, ob->json.data, ob->meta[n - 1].end - 1);   /* without the last comma */
+    buf_append_char(param, ']');
+    ob->sent = n;
+    return n;
+}
+
+/* Removes the first n entries. */
+static void outbox_drop_front(lease_outbox_t *ob, size_t n)
+{
+    size_t bytes;
+
+    if (n == 0)
+        return;
+    bytes = ob->meta[n - 1].end;
+    buf_consume(&ob->json, bytes);
+    memmove(ob->meta, ob->meta + n, (ob->count - n) * sizeof *ob->meta);
+    ob->count -= n;
+    for (size_t i = 0; i < ob->count; i++)
+        ob->meta[i].end -= bytes;
+}
+
+void lease_outbox_sent_done(lease_outbox_t *ob)
+{
+    outbox_drop_front(ob, ob->sent);
+    ob->sent = 0;
+}
+
+void lease_outbox_sent_retry(lease_outbox_t *ob)
+{
+    ob->sent = 0;
+}
+
+bool lease_outbox_sent_refused(lease_outbox_t *ob, const char *why)
+{
+    lease_outcome_meta_t m;
+    lease_error_t e = { "bad_response", why, 0, NULL, 0, false };
+
+    if (ob->sent == 0 || ob->count == 0)
+        return false;
+    m = ob->meta[0];
+    outbox_drop_front(ob, 1);
+    ob->sent = 0;
+    if (m.rewritten)
+        return false;
+    return outbox_add_error(ob, m.id, m.attempt, &e, true) == 0;
+}
+
+static bool parse_int64(const char *s, int64_t *out)
+{
+    char *end;
+    long long v;
+
+    if (s == NULL || *s == '\0')
+        return false;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0')
+        return false;
+    *out = v;
+    return true;
+}
+
+bool lease_row_parse(const PGresult *res, int i, lease_row_t *out)
+{
+    const char *kind;
+    int64_t v;
+
+    memset(out, 0, sizeof *out);
+    if (PQnfields(res) < 8 || i < 0 || i >= PQntuples(res))
+        return false;
+    kind = PQgetvalue(res, i, 0);
+    if (strcmp(kind, "job") == 0)
+        out->kind = LEASE_ROW_JOB;
+    else if (strcmp(kind, "stale") == 0)
+        out->kind = LEASE_ROW_STALE;
+    else if (strcmp(kind, "wake") == 0)
+        out->kind = LEASE_ROW_WAKE;
+    else {
+        out->kind = LEASE_ROW_UNKNOWN;
+        return false;
+    }
+    if (out->kind != LEASE_ROW_WAKE) {
+        if (!parse_int64(PQgetvalue(res, i, 1), &out->id))
+            return false;
+        if (!parse_int64(PQgetvalue(res, i, 2), &v) || v < 0 || v > INT32_MAX)
+            return false;
+        out->attempt = (int32_t)v;
+    }
+    if (out->kind == LEASE_ROW_JOB) {
+        if (PQgetisnull(res, i, 4) || PQgetisnull(res, i, 5))
+            return false;
+        out->model = PQgetvalue(res, i, 3);
+        out->endpoint = PQgetvalue(res, i, 4);
+        out->payload = PQgetvalue(res, i, 5);
+        out->payload_len = (size_t)PQgetlength(res, i, 5);
+        if (!PQgetisnull(res, i, 6)) {
+            if (!parse_int64(PQgetvalue(res, i, 6), &out->deadline_in_ms))
+                return false;
+            out->has_deadline = true;
+        }
+    }
+    if (!PQgetisnull(res, i, 7)) {
+        if (!parse_int64(PQgetvalue(res, i, 7), &out->lease_in_ms))
+            return false;
+        out->has_lease = true;
+    }
+    if (out->kind == LEASE_ROW_JOB && !out->has_lease)
+        return false;
+    return true;
+}
+
+void lease_text_array(buf_t *out, const char *const *items, size_t count)
+{
+    buf_append_char(out, '{');
+    for (size_t i = 0; i < count; i++) {
+        if (i > 0)
+            buf_append_char(out, ',');
+        buf_append_char(out, '"');
+        for (const char *p = items[i]; *p; p++) {
+            if (*p == '"' || *p == '\\')
+                buf_append_char(out, '\\');
+            buf_append_char(out, *p);
+        }
+        buf_append_char(out, '"');
+    }
+    buf_append_char(out, '}');
+}
+
+int lease_split_list(const char *text, char ***out)
+{
+    char **items = NULL;
+    int count = 0;
+    const char *p = text ? text : "";
+
+    *out = NULL;
+    while (*p) {
+        const char *start, *end;
+        char **grown;
+        char *item;
+
+        while (*p == ' ' || *p == ',' || *p == '\t')
+            p++;
+        if (*p == '\0')
+            break;
+        start = p;
+        while (*p && *p != ',')
+            p++;
+        end = p;
+        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        grown = realloc(items, (size_t)(count + 1) * sizeof *items);
+        item = strndup(start, (size_t)(end - start));
+        if (grown == NULL || item == NULL) {
+            free(item);
+            lease_free_list(grown ? grown : items, count);
+            return -1;
+        }
+        items = grown;
+        items[count++] = item;
+    }
+    *out = items;
+    return count;
+}
+
+void lease_free_list(char **items, int count)
+{
+    for (int i = 0; i < count; i++)
+        free(items[i]);
+    free(items);
+}

@@ -1,0 +1,48 @@
+/* loop: the daemon's single event loop: one curl_multi_poll over provider transfers,
+ * the libpq socket and the signal fd, with a timeout from the nearest timer. */
+#ifndef PGD_LOOP_H
+#define PGD_LOOP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "provider.h"
+
+/* Everything main() parsed; strings live as long as the process. */
+typedef struct {
+    const char *database_url;    /* "" or NULL: libpq's PG* environment */
+    const char *provider_url;
+    const char *models;          /* comma list; NULL: ask GET /v1/models */
+    long max_concurrency;        /* 0: discover from the provider */
+    long default_slots;          /* slots used when capacity is unreported */
+    const char *provider_family; /* NULL: guess from discovery */
+    const char *region;
+    const char *labels;          /* JSON object text */
+    const char *health_path;
+    long health_interval_ms;
+    long request_timeout_ms;
+    long grace_ms;
+    long max_response_bytes;
+} daemon_config_t;
+
+/* Exit statuses of the daemon. */
+enum {
+    DAEMON_EXIT_OK = 0,
+    DAEMON_EXIT_FAILED = 1,      /* could not register, or lost work at shutdown */
+    DAEMON_EXIT_USAGE = 2,       /* bad flags */
+    DAEMON_EXIT_DUPLICATE = 3,   /* another daemon holds this node's identity (PD006) */
+};
+
+/* Runs until shutdown. sigfd is a signalfd for SIGTERM, SIGINT and SIGHUP (those
+ * signals blocked by the caller). Returns one of the exit statuses above. */
+int loop_run(const daemon_config_t *cfg, int sigfd);
+
+/* Milliseconds to wait from now until the nearest of the deadlines (0 entries are
+ * unset), clamped to [0, cap]. Pure; exposed for tests. */
+int loop_timeout_ms(int64_t now, const int64_t *deadlines, size_t count, int cap);
+
+/* When a running job's lease should be renewed: once a third of it has passed. */
+int64_t loop_extend_due(const job_t *job);
+
+#endif

@@ -1,0 +1,537 @@
+/* provider: the daemon's HTTP side, one curl multi handle: job transfers (pooled easy
+ * handles, bodies trimmed on completion), health and discovery probes, classification
+ * of responses, parsing of discovery bodies. Owns every transfer. */
+#include "provider.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "buf.h"
+
+#define PROVIDER_POOL_MAX 1024           /* idle job transfers kept for reuse */
+#define PROVIDER_KEEP_BODY_BYTES 65536   /* a reused transfer keeps at most this much */
+
+typedef struct transfer {
+    CURL *easy;
+    buf_t body;
+    char *payload;               /* job: request body (owned) */
+    size_t limit;
+    bool too_large;
+    bool is_probe;
+    probe_kind_t probe;
+    size_t index;                /* job: position in provider.jobs */
+    job_t job;
+    char errbuf[CURL_ERROR_SIZE];
+} transfer_t;
+
+struct provider {
+    CURLM *multi;
+    provider_options_t opt;
+    char *base;                  /* base_url without trailing slashes */
+    struct curl_slist *json_headers;
+    transfer_t **jobs;
+    size_t njobs, jobs_cap;
+    transfer_t **pool;
+    size_t npool, pool_cap;
+    transfer_t *probes[PROBE__COUNT];
+    bool probe_running[PROBE__COUNT];
+};
+
+static const char *const probe_paths[PROBE__COUNT] = {
+    [PROBE_HEALTH] = NULL, [PROBE_PROPS] = "/props", [PROBE_SERVER_INFO] = "/server_info",
+    [PROBE_MODELS] = "/v1/models",
+};
+
+static size_t transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
+{
+    transfer_t *t = userdata;
+    size_t n = size * nmemb;
+
+    if (n > t->limit - t->body.len) {
+        t->too_large = true;
+        return 0;   /* CURLE_WRITE_ERROR ends the transfer */
+    }
+    buf_append(&t->body, data, n);
+    return t->body.oom ? 0 : n;
+}
+
+static transfer_t *transfer_new(void)
+{
+    transfer_t *t = calloc(1, sizeof *t);
+
+    if (t == NULL)
+        return NULL;
+    t->easy = curl_easy_init();
+    if (t->easy == NULL) {
+        free(t);
+        return NULL;
+    }
+    curl_easy_setopt(t->easy, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(t->easy, CURLOPT_WRITEFUNCTION, transfer_write);
+    curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
+    curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
+    curl_easy_setopt(t->easy, CURLOPT_ERRORBUFFER, t->errbuf);
+    curl_easy_setopt(t->easy, CURLOPT_TCP_NODELAY, 1L);
+    /* A 4 KiB receive buffer instead of 16: with hundreds of transfers in flight this
+     * is most of the daemon's per-job memory (BENCHMARKS.md B7), and a typical reply
+     * still arrives in a read or two. */
+    curl_easy_setopt(t->easy, CURLOPT_BUFFERSIZE, 4096L);
+    return t;
+}
+
+static void transfer_free(transfer_t *t)
+{
+    if (t == NULL)
+        return;
+    curl_easy_cleanup(t->easy);
+    buf_free(&t->body);
+    free(t->payload);
+    free(t);
+}
+
+provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen)
+{
+    provider_t *p = calloc(1, sizeof *p);
+    size_t n;
+
+    if (p == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    p->opt = *opt;
+    p->base = strdup(opt->base_url);
+    p->multi = curl_multi_init();
+    if (p->base == NULL || p->multi == NULL) {
+        snprintf(err, errlen, "cannot initialise libcurl");
+        provider_free(p);
+        return NULL;
+    }
+    n = strlen(p->base);
+    while (n > 0 && p->base[n - 1] == '/')
+        p->base[--n] = '\0';
+    p->json_headers = curl_slist_append(NULL, "Content-Type: application/json");
+    p->json_headers = curl_slist_append(p->json_headers, "Accept: application/json");
+    p->json_headers = curl_slist_append(p->json_headers, "Expect:");   /* no 100-continue wait */
+    if (p->json_headers == NULL) {
+        snprintf(err, errlen, "out of memory");
+        provider_free(p);
+        return NULL;
+    }
+    /* Keep a warm connection per concurrent transfer rather than the default 4x. */
+    curl_multi_setopt(p->multi, CURLMOPT_MAXCONNECTS, 1024L);
+    return p;
+}
+
+void provider_free(provider_t *p)
+{
+    if (p == NULL)
+        return;
+    for (size_t i = 0; i < p->njobs; i++) {
+        curl_multi_remove_handle(p->multi, p->jobs[i]->easy);
+        transfer_free(p->jobs[i]);
+    }
+    for (size_t i = 0; i < p->npool; i++)
+        transfer_free(p->pool[i]);
+    for (int k = 0; k < PROBE__COUNT; k++) {
+        if (p->probes[k] != NULL) {
+            if (p->probe_running[k])
+                curl_multi_remove_handle(p->multi, p->probes[k]->easy);
+            transfer_free(p->probes[k]);
+        }
+    }
+    free(p->jobs);
+    free(p->pool);
+    curl_slist_free_all(p->json_headers);
+    if (p->multi)
+        curl_multi_cleanup(p->multi);
+    free(p->base);
+    free(p);
+}
+
+CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms)
+{
+    return curl_multi_poll(p->multi, extra, n, timeout_ms, NULL);
+}
+
+/* Takes a job transfer out of the running set and back to the pool (or frees it).
+ * Its body buffer is trimmed so a huge answer does not stay resident. */
+static void job_release(provider_t *p, transfer_t *t)
+{
+    size_t i = t->index;
+
+    p->jobs[i] = p->jobs[--p->njobs];
+    p->jobs[i]->index = i;
+    free(t->payload);
+    t->payload = NULL;
+    if (t->body.cap > PROVIDER_KEEP_BODY_BYTES)
+        buf_free(&t->body);
+    else
+        buf_reset(&t->body);
+    t->too_large = false;
+    t->errbuf[0] = '\0';
+    if (p->npool < PROVIDER_POOL_MAX) {
+        if (p->npool == p->pool_cap) {
+            size_t cap = p->pool_cap ? p->pool_cap * 2 : 16;
+            transfer_t **grown = realloc(p->pool, cap * sizeof *grown);
+            if (grown == NULL) {
+                transfer_free(t);
+                return;
+            }
+            p->pool = grown;
+            p->pool_cap = cap;
+        }
+        p->pool[p->npool++] = t;
+        return;
+    }
+    transfer_free(t);
+}
+
+static void fill_response(const transfer_t *t, CURLcode code, provider_response_t *r)
+{
+    long status = 0;
+
+    curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    r->curl_code = code;
+    r->status = status;
+    r->body = t->body.data ? t->body.data : "";
+    r->body_len = t->body.len;
+    r->too_large = t->too_large;
+    r->size_limit = t->limit;
+    r->curl_error = code == CURLE_OK ? "" : (t->errbuf[0] ? t->errbuf : curl_easy_strerror(code));
+}
+
+void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
+{
+    int running, queued;
+    CURLMsg *msg;
+
+    curl_multi_perform(p->multi, &running);
+    while ((msg = curl_multi_info_read(p->multi, &queued)) != NULL) {
+        transfer_t *t = NULL;
+        provider_response_t r;
+
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
+        curl_multi_remove_handle(p->multi, msg->easy_handle);   /* invalidates msg */
+        fill_response(t, msg->data.result, &r);
+        if (t->is_probe) {
+            p->probe_running[t->probe] = false;
+            ev->probe_done(ctx, t->probe, &r);
+            buf_reset(&t->body);
+            t->too_large = false;
+        } else {
+            job_t job = t->job;
+            ev->job_done(ctx, &job, &r);
+            job_release(p, t);
+        }
+    }
+}
+
+void provider_kick(provider_t *p)
+{
+    int running;
+
+    curl_multi_perform(p->multi, &running);
+}
+
+job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint, const char *payload,
+                          size_t payload_len)
+{
+    transfer_t *t;
+    buf_t url = BUF_INIT;
+
+    if (p->njobs == p->jobs_cap) {
+        size_t cap = p->jobs_cap ? p->jobs_cap * 2 : 16;
+        transfer_t **grown = realloc(p->jobs, cap * sizeof *grown);
+        if (grown == NULL)
+            return NULL;
+        p->jobs = grown;
+        p->jobs_cap = cap;
+    }
+    t = p->npool > 0 ? p->pool[--p->npool] : transfer_new();
+    if (t == NULL)
+        return NULL;
+    t->payload = malloc(payload_len + 1);
+    buf_append_str(&url, p->base);
+    buf_append_str(&url, endpoint);
+    if (t->payload == NULL || url.oom) {
+        buf_free(&url);
+        free(t->payload);
+        t->payload = NULL;
+        transfer_free(t);
+        return NULL;
+    }
+    memcpy(t->payload, payload, payload_len);
+    t->payload[payload_len] = '\0';
+    t->is_probe = false;
+    t->job = *job;
+    t->limit = p->opt.max_response_bytes;
+    t->too_large = false;
+    t->errbuf[0] = '\0';
+    buf_reset(&t->body);
+    curl_easy_setopt(t->easy, CURLOPT_URL, url.data);
+    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, p->json_headers);
+    curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)payload_len);
+    curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->payload);
+    curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, p->opt.request_timeout_ms);
+    curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS,
+                     p->opt.request_timeout_ms < 10000 ? p->opt.request_timeout_ms : 10000L);
+    buf_free(&url);
+    if (curl_multi_add_handle(p->multi, t->easy) != CURLM_OK) {
+        free(t->payload);
+        t->payload = NULL;
+        transfer_free(t);
+        return NULL;
+    }
+    t->index = p->njobs;
+    p->jobs[p->njobs++] = t;
+    return &t->job;
+}
+
+bool provider_abort_job(provider_t *p, int64_t id, int32_t attempt)
+{
+    for (size_t i = 0; i < p->njobs; i++) {
+        transfer_t *t = p->jobs[i];
+        if (t->job.id == id && (attempt < 0 || t->job.attempt == attempt)) {
+            curl_multi_remove_handle(p->multi, t->easy);
+            job_release(p, t);
+            return true;
+        }
+    }
+    return false;
+}
+
+size_t provider_in_flight(const provider_t *p)
+{
+    return p->njobs;
+}
+
+job_t *provider_job_at(provider_t *p, size_t i)
+{
+    return i < p->njobs ? &p->jobs[i]->job : NULL;
+}
+
+job_t *provider_find_job(provider_t *p, int64_t id)
+{
+    for (size_t i = 0; i < p->njobs; i++) {
+        if (p->jobs[i]->job.id == id)
+            return &p->jobs[i]->job;
+    }
+    return NULL;
+}
+
+bool provider_probe_running(const provider_t *p, probe_kind_t kind)
+{
+    return p->probe_running[kind];
+}
+
+bool provider_start_probe(provider_t *p, probe_kind_t kind)
+{
+    transfer_t *t = p->probes[kind];
+    buf_t url = BUF_INIT;
+    const char *path = kind == PROBE_HEALTH ? p->opt.health_path : probe_paths[kind];
+    bool ok;
+
+    if (p->probe_running[kind])
+        return false;
+    if (t == NULL) {
+        t = p->probes[kind] = transfer_new();
+        if (t == NULL)
+            return false;
+        t->is_probe = true;
+        t->probe = kind;
+        curl_easy_setopt(t->easy, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, p->opt.probe_timeout_ms);
+        curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, p->opt.probe_timeout_ms);
+    }
+    buf_append_str(&url, p->base);
+    if (path[0] != '/')
+        buf_append_char(&url, '/');
+    buf_append_str(&url, path);
+    t->limit = 1 << 20;
+    t->too_large = false;
+    t->errbuf[0] = '\0';
+    buf_reset(&t->body);
+    ok = !url.oom && curl_easy_setopt(t->easy, CURLOPT_URL, url.data) == CURLE_OK &&
+         curl_multi_add_handle(p->multi, t->easy) == CURLM_OK;
+    buf_free(&url);
+    p->probe_running[kind] = ok;
+    return ok;
+}
+
+/* "provider answered HTTP 400: <its error message>" when the body carries an OpenAI
+ * style {"error": {"message": ...}} or {"error": "..."}; otherwise just the status. */
+static void describe_status(const provider_response_t *r, char *out, size_t len)
+{
+    json_t *root = json_loadb(r->body, r->body_len, 0, NULL);
+    const char *detail = NULL;
+
+    if (json_is_object(root)) {
+        json_t *e = json_object_get(root, "error");
+        if (json_is_string(e))
+            detail = json_string_value(e);
+        else if (json_is_object(e) && json_is_string(json_object_get(e, "message")))
+            detail = json_string_value(json_object_get(e, "message"));
+        else if (json_is_string(json_object_get(root, "message")))
+            detail = json_string_value(json_object_get(root, "message"));
+    }
+    if (detail)
+        snprintf(out, len, "provider answered HTTP %ld: %.200s", r->status, detail);
+    else
+        snprintf(out, len, "provider answered HTTP %ld", r->status);
+    json_decref(root);
+}
+
+void provider_classify(const provider_response_t *r, provider_verdict_t *v)
+{
+    memset(v, 0, sizeof *v);
+    v->status = r->status;
+    if (r->too_large) {
+        v->code = "bad_response";
+        snprintf(v->message, sizeof v->message, "provider response is larger than the %zu-byte limit",
+                 r->size_limit);
+        return;
+    }
+    if (r->curl_code != CURLE_OK) {
+        v->retryable = true;
+        v->provider_unreachable = true;
+        switch (r->curl_code) {
+        case CURLE_OPERATION_TIMEDOUT:
+            v->code = "timeout";
+            break;
+        case CURLE_COULDNT_CONNECT:
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+            v->code = "connect_failed";
+            break;
+        default:
+            v->code = "transport_error";
+            break;
+        }
+        snprintf(v->message, sizeof v->message, "%s: %s", curl_easy_strerror(r->curl_code),
+                 r->curl_error ? r->curl_error : "");
+        return;
+    }
+    if (r->status >= 200 && r->status < 300) {
+        json_error_t jerr;
+        json_t *root;
+
+        if (r->body_len == 0) {
+            v->code = "bad_response";
+            snprintf(v->message, sizeof v->message, "provider answered HTTP %ld with an empty body", r->status);
+            return;
+        }
+        root = json_loadb(r->body, r->body_len, 0, &jerr);
+        if (json_is_object(root)) {
+            v->complete = true;
+            json_decref(root);
+            return;
+        }
+        v->code = "bad_response";
+        if (root == NULL)
+            snprintf(v->message, sizeof v->message,
+                     "provider answered HTTP %ld with a body that is not valid JSON: %s (line %d, column %d)",
+                     r->status, jerr.text, jerr.line, jerr.column);
+        else
+            snprintf(v->message, sizeof v->message,
+                     "provider answered HTTP %ld with JSON that is not an object", r->status);
+        json_decref(root);
+        return;
+    }
+    if (r->status >= 400 && r->status < 500) {
+        v->code = "provider_4xx";
+        describe_status(r, v->message, sizeof v->message);
+        return;
+    }
+    if (r->status >= 500 && r->status < 600) {
+        v->code = "provider_5xx";
+        v->retryable = true;
+        describe_status(r, v->message, sizeof v->message);
+        return;
+    }
+    v->code = "bad_response";
+    snprintf(v->message, sizeof v->message, "provider answered unexpected HTTP status %ld", r->status);
+}
+
+bool provider_probe_healthy(const provider_response_t *r, char *reason, size_t len)
+{
+    if (r->curl_code != CURLE_OK && !r->too_large) {
+        snprintf(reason, len, "health probe failed: %s", r->curl_error);
+        return false;
+    }
+    if (r->status >= 500 || r->status < 100) {
+        snprintf(reason, len, "health probe answered HTTP %ld", r->status);
+        return false;
+    }
+    reason[0] = '\0';
+    return true;
+}
+
+static long positive_int(json_t *v)
+{
+    if (json_is_integer(v) && json_integer_value(v) > 0 && json_integer_value(v) <= 100000)
+        return (long)json_integer_value(v);
+    return -1;
+}
+
+long provider_parse_total_slots(const char *body, size_t len)
+{
+    json_t *root = json_loadb(body, len, 0, NULL);
+    long v = -1;
+
+    if (json_is_object(root))
+        v = positive_int(json_object_get(root, "total_slots"));
+    json_decref(root);
+    return v;
+}
+
+long provider_parse_max_running(const char *body, size_t len)
+{
+    json_t *root = json_loadb(body, len, 0, NULL);
+    long v = -1;
+
+    if (json_is_object(root)) {
+        json_t *states = json_object_get(root, "internal_states");
+        v = positive_int(json_object_get(root, "max_running_requests"));
+        if (v < 0 && json_is_array(states))
+            v = positive_int(json_object_get(json_array_get(states, 0), "max_running_requests"));
+    }
+    json_decref(root);
+    return v;
+}
+
+int provider_parse_models(const char *body, size_t len, char ***out)
+{
+    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *data, *item;
+    char **ids = NULL;
+    int count = 0;
+    size_t i;
+
+    *out = NULL;
+    data = json_is_object(root) ? json_object_get(root, "data") : NULL;
+    if (!json_is_array(data)) {
+        json_decref(root);
+        return -1;
+    }
+    ids = calloc(json_array_size(data) + 1, sizeof *ids);
+    if (ids == NULL) {
+        json_decref(root);
+        return -1;
+    }
+    json_array_foreach(data, i, item) {
+        json_t *id = json_object_get(item, "id");
+        if (json_is_string(id) && json_string_length(id) > 0 && json_string_length(id) <= 256) {
+            ids[count] = strdup(json_string_value(id));
+            if (ids[count] == NULL)
+                break;
+            count++;
+        }
+    }
+    json_decref(root);
+    *out = ids;
+    return count;
+}

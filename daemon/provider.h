@@ -1,0 +1,110 @@
+/* provider: the daemon's HTTP side (libcurl multi): one transfer per leased job, the
+ * local health and discovery probes, the classification of what came back, and the
+ * parsing of /props, /server_info and /v1/models bodies. */
+#ifndef PGD_PROVIDER_H
+#define PGD_PROVIDER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <curl/curl.h>
+
+typedef struct provider provider_t;
+
+/* What the loop knows about a running job; the transfer itself is provider's. */
+typedef struct {
+    int64_t id;
+    int32_t attempt;
+    int64_t deadline_mono;       /* monotonic ms after which nobody wants the answer; 0: none */
+    int64_t lease_expires_mono;  /* monotonic ms when the lease runs out (conservative) */
+    int64_t lease_len_ms;        /* length of a lease, for the extension schedule */
+    bool extending;              /* in the dispatch.extend call in flight */
+} job_t;
+
+typedef enum {
+    PROBE_HEALTH = 0,
+    PROBE_PROPS,                 /* llama.cpp: total_slots */
+    PROBE_SERVER_INFO,           /* SGLang: max_running_requests */
+    PROBE_MODELS,                /* OpenAI: /v1/models ids */
+    PROBE__COUNT,
+} probe_kind_t;
+
+/* What came back from one transfer. */
+typedef struct {
+    CURLcode curl_code;
+    long status;                 /* 0 when no HTTP response */
+    const char *body;            /* NUL-terminated; "" when empty */
+    size_t body_len;
+    const char *curl_error;      /* curl's message for curl_code != CURLE_OK, else "" */
+    bool too_large;              /* the body passed the size limit and was cut off */
+    size_t size_limit;
+} provider_response_t;
+
+/* How a job's response is settled. */
+typedef struct {
+    bool complete;               /* true: the body is the result */
+    bool retryable;
+    bool provider_unreachable;   /* connect failure or timeout: probe health now */
+    const char *code;            /* static error code when !complete */
+    long status;
+    char message[320];
+} provider_verdict_t;
+
+typedef struct {
+    const char *base_url;        /* http://host:port, no trailing slash needed */
+    const char *health_path;
+    long request_timeout_ms;
+    long probe_timeout_ms;
+    size_t max_response_bytes;
+} provider_options_t;
+
+typedef struct {
+    /* A job's transfer ended; job is valid during the call only. */
+    void (*job_done)(void *ctx, const job_t *job, const provider_response_t *r);
+    void (*probe_done)(void *ctx, probe_kind_t kind, const provider_response_t *r);
+} provider_events_t;
+
+/* NULL with err filled when curl cannot be set up. The options' strings must outlive p. */
+provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen);
+void provider_free(provider_t *p);
+
+/* Waits (curl_multi_poll) on transfers and the extra fds for at most timeout_ms. */
+CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms);
+/* Drives transfers and reports each finished one through ev. */
+void provider_run(provider_t *p, const provider_events_t *ev, void *ctx);
+
+/* Starts POST {base}{endpoint} with payload (copied). Returns the job record (owned
+ * by p, valid until the job ends or is aborted), or NULL when out of memory. */
+job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint,
+                          const char *payload, size_t payload_len);
+/* Sends what the newly started transfers have to send now, not after the next wait
+ * (this is submit-to-provider latency). Completions are still reported by provider_run. */
+void provider_kick(provider_t *p);
+/* Aborts the transfer of job id (any attempt when attempt < 0); no event follows.
+ * Returns false when there was none. */
+bool provider_abort_job(provider_t *p, int64_t id, int32_t attempt);
+/* Running jobs, for timers: index 0..provider_in_flight()-1; order changes on removal. */
+size_t provider_in_flight(const provider_t *p);
+job_t *provider_job_at(provider_t *p, size_t i);
+job_t *provider_find_job(provider_t *p, int64_t id);
+
+/* Starts a GET probe unless one of that kind is running. Returns false if running. */
+bool provider_start_probe(provider_t *p, probe_kind_t kind);
+bool provider_probe_running(const provider_t *p, probe_kind_t kind);
+
+/* Classification of a job's response (pure): 2xx with a JSON object → complete;
+ * 2xx otherwise → bad_response, not retryable; 4xx → provider_4xx, not retryable;
+ * 5xx, refused connection, timeout, broken transfer → retryable. */
+void provider_classify(const provider_response_t *r, provider_verdict_t *out);
+/* Health from a probe: reachable and status < 500. reason filled when unhealthy. */
+bool provider_probe_healthy(const provider_response_t *r, char *reason, size_t len);
+
+/* Capacity from llama.cpp /props (total_slots) or SGLang /server_info
+ * (max_running_requests, also inside internal_states[0]); -1 when absent. */
+long provider_parse_total_slots(const char *body, size_t len);
+long provider_parse_max_running(const char *body, size_t len);
+/* Model ids of an OpenAI /v1/models body, as a malloc'ed array of malloc'ed strings.
+ * Returns the count, or -1 when the body is not a model list. */
+int provider_parse_models(const char *body, size_t len, char ***out);
+
+#endif
