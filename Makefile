@@ -99,3 +99,17 @@ migrate: ## apply sql/NNN_*.sql to $$DATABASE_URL (or the PG* environment)
 
 clean: ## remove build output
 	rm -rf $(BUILD)
+
+# Benchmarks (../shared/BENCHMARKS.md): `make bench` measures B1-B8 into bench/RESULTS.md;
+# `make bench B=B4` (or B="B1 B6") runs only those; bench/out/ keeps logs and raw JSON.
+.PHONY: bench
+$(BUILD)/loadgen: bench/loadgen.c
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ bench/loadgen.c -lm
+
+bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B8 into bench/RESULTS.md (one: B=B4)
+	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
+
+.PHONY: test-compose
+test-compose: ## run docker-compose.yml for real (podman-compose, as root) and check the running system
+	bash docker/test-compose.sh
