@@ -34,7 +34,6 @@ $roles$;
 
 REVOKE ALL ON SCHEMA dispatch FROM PUBLIC;
 GRANT USAGE ON SCHEMA dispatch TO dispatch_gateway, dispatch_daemon, dispatch_admin;
-ALTER DEFAULT PRIVILEGES IN SCHEMA dispatch REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
 ------------------------------------------------------------------------------
 -- Tables
@@ -1656,7 +1655,8 @@ GRANT EXECUTE ON FUNCTION
     dispatch.metrics(),
     dispatch.schema_version(),
     dispatch.check_api_key(text),
-    dispatch.model_channel(text)
+    dispatch.model_channel(text),
+    dispatch.nodes()
 TO dispatch_gateway, dispatch_admin;
 
 GRANT EXECUTE ON FUNCTION

@@ -21,11 +21,11 @@ CREATE TEMP VIEW callable AS
     WHERE p.pronamespace = 'dispatch'::regnamespace AND has_function_privilege(r.rolname, p.oid, 'EXECUTE');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_gateway' ORDER BY 1$$,
     $$VALUES ('cancel'), ('capacity'), ('check_api_key'), ('health'), ('metrics'), ('model_channel'), ('models'),
-             ('results'), ('schema_version'), ('submit'), ('submit_many')$$,
+             ('nodes'), ('results'), ('schema_version'), ('submit'), ('submit_many')$$,
     'the gateway role executes exactly the gateway functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_daemon' ORDER BY 1$$,
     $$VALUES ('complete'), ('deregister'), ('exchange'), ('extend'), ('fail'), ('lease'), ('model_channel'),
-             ('next_wake'), ('node_channel'), ('register'), ('report')$$,
+             ('next_wake'), ('node_channel'), ('register'), ('report'), ('stream')$$,
     'the daemon role executes exactly the daemon functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_admin' ORDER BY 1$$,
     $$VALUES ('api_keys'), ('cancel'), ('capacity'), ('check_api_key'), ('clear_capacity'), ('create_api_key'),
