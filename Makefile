@@ -88,8 +88,10 @@ test-unit: $(UNIT_BINS) ## C unit tests under AddressSanitizer and UBSan (with a
 test-sql: ## pgTAP tests of every SQL function, against a throwaway server
 	$(PYTHON) tests/pgharness.py run -- pg_prove --verbose --failures --shuffle tests/sql/*.sql
 
-test-integration: build ## pytest against real PostgreSQL, real binaries, fake provider
-	$(PYTHON) -m pytest -q tests/integration
+# The integration suite runs once, against the ASan/UBSan builds: every process it
+# starts must exit cleanly, so a leak or undefined behaviour fails the test.
+test-integration: build ## pytest against real PostgreSQL, the sanitizer builds of the binaries, fake provider
+	PGD_SANITIZE=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 $(PYTHON) -m pytest -q tests/integration
 
 run: deps build ## run the whole system locally: PostgreSQL, provider, daemon, gateway on :8080
 	$(PYTHON) tests/run_local.py

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import pgharness  # noqa: E402
 
 TEMPLATE_DB = "pgd_template"
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
 _db_counter = itertools.count(1)
 
 
@@ -109,6 +110,9 @@ def db(pg):
 
 class Process:
     def __init__(self, name, argv, env, logpath):
+        # Checked at teardown: a process the test did not kill or wait for itself
+        # must exit 0 on SIGTERM.
+        self.expect_clean_exit = True
         self.name = name
         self.argv = argv
         self.logpath = logpath
@@ -128,6 +132,7 @@ class Process:
             self.proc.send_signal(sig)
 
     def kill9(self):
+        self.expect_clean_exit = False
         if self.alive():
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
@@ -144,10 +149,12 @@ class Process:
         return self.proc.returncode
 
     def wait(self, timeout=15):
+        self.expect_clean_exit = False
         return self.proc.wait(timeout)
 
     def output(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.logpath, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -167,14 +174,26 @@ def procs(tmp_path, request):
             return p
 
     yield Starter()
+    problems = []
     for p in reversed(started):
-        p.stop(timeout=10)
+        was_alive = p.alive()
+        rc = p.stop(timeout=10)
+        if p.expect_clean_exit and (not was_alive or rc != 0) and rc != 0:
+            problems.append("%s exited with status %s%s" % (p.name, rc, "" if was_alive else " before teardown"))
+        out = p.output()
+        for marker in SANITIZER_MARKERS:
+            if marker in out:
+                problems.append("%s reported %r (see its log)" % (p.name, marker))
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for p in started:
             sys.stderr.write("\n----- %s (%s) -----\n%s" % (p.name, " ".join(p.argv), p.output()[-6000:]))
     for p in started:
         p.log.close()
+    if problems and not (rep is not None and rep.failed):
+        for p in started:
+            sys.stderr.write("\n----- %s (%s) -----\n%s" % (p.name, " ".join(p.argv), p.output()[-6000:]))
+        pytest.fail("; ".join(problems))
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
