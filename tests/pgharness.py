@@ -88,9 +88,28 @@ class Cluster:
         return e
 
     # -- lifecycle -------------------------------------------------------------
+    def _check_reachable(self):
+        """As root the server runs as `postgres`, which must be able to enter every
+        directory above its data; say so plainly instead of letting initdb fail."""
+        if self.user is None:
+            return
+        path = os.path.dirname(os.path.abspath(self.basedir))
+        while True:
+            st = os.stat(path)
+            if not (st.st_mode & 0o001 or (st.st_mode & 0o010 and st.st_gid == self.user.pw_gid)
+                    or st.st_uid == self.user.pw_uid):
+                raise SystemExit(
+                    "pgharness: PostgreSQL runs as the 'postgres' user, which cannot enter %s (mode %o). "
+                    "Put the project (or PGDISPATCH_RUN_DIR) under a directory others may enter, "
+                    "or run: chmod o+x %s" % (path, st.st_mode & 0o777, path))
+            if path == "/":
+                return
+            path = os.path.dirname(path)
+
     def init(self):
         if os.path.exists(os.path.join(self.datadir, "PG_VERSION")):
             return
+        self._check_reachable()
         self._chown(self.basedir)
         for d in (self.datadir, self.sockdir):
             os.makedirs(d, exist_ok=True)

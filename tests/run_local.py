@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import pgharness  # noqa: E402
 
-RUN_DIR = os.path.join(ROOT, ".run")
+RUN_DIR = os.environ.get("PGDISPATCH_RUN_DIR", os.path.join(ROOT, ".run"))
 LOG_DIR = os.path.join(RUN_DIR, "logs")
 DB = "pgdispatch"
 PG_PORT = int(os.environ.get("PGDISPATCH_PG_PORT", "54329"))
@@ -92,7 +92,7 @@ def main():
         children.append((name, p))
         return p
 
-    build = os.path.join(ROOT, "build")
+    build = os.environ.get("PGDISPATCH_BIN_DIR", os.path.join(ROOT, "build"))
     provider = start("provider", [os.path.join(build, "fake-provider"), "--port", str(PROVIDER_PORT),
                                   "--models", MODEL, "--slots", "8"])
     wait_http("http://127.0.0.1:%d/health" % PROVIDER_PORT, "the demo provider", provider)
