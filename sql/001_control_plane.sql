@@ -957,6 +957,7 @@ DECLARE
     v_want integer;
     v_expired integer;
     v_malformed bigint;
+    v_settled boolean := false;
 BEGIN
     IF p_max_jobs IS NULL OR p_max_jobs < 0 OR p_max_jobs > 10000 THEN
         RAISE EXCEPTION 'max_jobs must be between 0 and 10000, got %', p_max_jobs USING ERRCODE = '22023';
@@ -1008,6 +1009,7 @@ BEGIN
                                       OR jsonb_typeof(o.error) <> 'object' OR o.retryable IS NULL)
         INTO v_done_ids, v_done_channels, v_wake_models, v_out, v_malformed
         FROM o LEFT JOIN settled s ON s.id = o.id AND s.attempt = o.attempt;
+        v_settled := v_done_ids IS NOT NULL OR v_wake_models IS NOT NULL OR cardinality(v_out) > 0;
         IF v_malformed > 0 THEN
             RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
                 USING ERRCODE = '22023';
@@ -1077,6 +1079,14 @@ BEGIN
 
         UPDATE dispatch.nodes SET last_poll_started_at = v_now, last_poll_completed_at = clock_timestamp()
         WHERE id = n.id;
+    END IF;
+
+    -- A round trip that settled nothing need not wait for the disk: if a crash
+    -- loses it, its jobs are simply still queued (or still leased until expiry),
+    -- and fencing refuses the lost attempt's results. This takes the flush off the
+    -- path from submit to provider. Settled outcomes keep the durable commit.
+    IF v_done_ids IS NULL AND v_wake_models IS NULL AND NOT v_settled THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
 
     PERFORM dispatch._notify_replies(v_done_channels, v_done_ids);

@@ -3,7 +3,7 @@
 -- now() is fixed inside the test transaction: time passes by moving rows' timestamps.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(95);
+SELECT plan(99);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -293,6 +293,22 @@ SET SESSION AUTHORIZATION dispatch_node_gpu_b;
 SELECT is_empty($$SELECT * FROM dispatch.lease(5)$$, 'gpu-b does not serve m2');
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT state FROM dispatch.jobs WHERE id = :w6), 'leased', 'an expired lease on another model is left alone');
+
+-- Durability: a round trip that only leases commits without waiting for the disk;
+-- one that settles an outcome waits.
+UPDATE dispatch.jobs SET state = 'cancelled' WHERE state IN ('queued', 'leased');
+SELECT dispatch.submit('m1', NULL, '{}') AS w7 \gset
+SET synchronous_commit = on;
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is((SELECT id FROM dispatch.lease(1)), :w7::bigint, 'gpu-a leases w7');
+SELECT is(current_setting('synchronous_commit'), 'off', 'a lease-only exchange commits without waiting for fsync');
+RESET SESSION AUTHORIZATION;
+SET synchronous_commit = on;
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is((SELECT count(*) FROM dispatch.exchange(format('[{"id":%s,"attempt":1,"result":{}}]', :w7)::json, 0)),
+          0::bigint, 'gpu-a completes w7');
+SELECT is(current_setting('synchronous_commit'), 'on', 'an exchange that settles an outcome keeps the durable commit');
+RESET SESSION AUTHORIZATION;
 
 SELECT * FROM finish();
 ROLLBACK;
