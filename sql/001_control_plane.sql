@@ -747,13 +747,16 @@ COMMENT ON FUNCTION dispatch._node_session(dispatch.nodes) IS
 
 CREATE FUNCTION dispatch.register(
     p_provider_family text, p_models text[], p_max_concurrency integer DEFAULT NULL,
-    p_region text DEFAULT NULL, p_labels jsonb DEFAULT '{}')
+    p_region text DEFAULT NULL, p_labels jsonb DEFAULT '{}', p_holding json DEFAULT NULL)
 RETURNS dispatch.node_session
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n dispatch.nodes := dispatch._session_node(false);
     v_holder record;
     v_lock_timeout text;
+    v_done_ids bigint[];
+    v_done_channels text[];
+    v_wake_models text[];
 BEGIN
     IF p_provider_family IS NULL OR p_provider_family !~ '^[a-z0-9_.-]{1,32}$' THEN
         RAISE EXCEPTION 'provider family must be 1 to 32 of a-z 0-9 _ . -, got "%"', p_provider_family
@@ -790,6 +793,26 @@ BEGIN
         PERFORM set_config('lock_timeout', v_lock_timeout, true);
     END IF;
 
+    -- Leases this node holds but its daemon does not know of (granted in a reply
+    -- lost with the connection, or held by a previous incarnation that died) are
+    -- taken back now instead of when they expire.
+    IF p_holding IS NOT NULL THEN
+        IF json_typeof(p_holding) <> 'array' THEN
+            RAISE EXCEPTION 'holding must be a JSON array of {"id", "attempt"}' USING ERRCODE = '22023';
+        END IF;
+        SELECT array_agg(t.id) FILTER (WHERE t.state <> 'queued'), array_agg(t.reply_channel) FILTER (WHERE t.state <> 'queued'),
+               array_agg(t.model) FILTER (WHERE t.state = 'queued')
+        INTO v_done_ids, v_done_channels, v_wake_models
+        FROM dispatch._take_back(ARRAY(
+            SELECT j.id FROM dispatch.jobs j
+            WHERE j.state = 'leased' AND j.leased_by = n.id
+              AND NOT EXISTS (SELECT 1 FROM json_to_recordset(p_holding) AS h(id bigint, attempt integer)
+                              WHERE h.id = j.id AND h.attempt = j.attempt)
+            FOR UPDATE), 'abandoned') t;
+        PERFORM dispatch._notify_replies(v_done_channels, v_done_ids);
+        PERFORM dispatch._notify_models(v_wake_models);
+    END IF;
+
     UPDATE dispatch.nodes SET
         provider_family = p_provider_family, models = p_models, max_concurrency = p_max_concurrency,
         region = p_region, labels = p_labels, backend_pid = pg_backend_pid(),
@@ -800,13 +823,16 @@ BEGIN
     RETURN dispatch._node_session(n);
 END
 $$;
-COMMENT ON FUNCTION dispatch.register(text, text[], integer, text, jsonb) IS
+COMMENT ON FUNCTION dispatch.register(text, text[], integer, text, jsonb, json) IS
 'Called by a daemon after connecting with its node role: records what it serves
 (provider family, models, max concurrency or NULL when the provider does not say,
 region, labels), marks it healthy and takes its liveness lock. A second live
 session for the same node is refused (PD006). Returns the node id and the channels
-to LISTEN on (its own and one per model).
-Example: SELECT * FROM dispatch.register(''llamacpp'', ARRAY[''llama3''], 8);';
+to LISTEN on (its own and one per model). p_holding, when given, is a JSON array of
+{"id", "attempt"} the daemon is still running: any other lease the node holds (granted
+in a reply lost with the connection, or left by a previous incarnation) is taken back
+at once, counting as an attempt (code lease_abandoned). A fresh daemon passes [].
+Example: SELECT * FROM dispatch.register(''llamacpp'', ARRAY[''llama3''], 8, p_holding => ''[]'');';
 
 CREATE FUNCTION dispatch.report(p_health text, p_reason text DEFAULT NULL,
                                 p_max_concurrency integer DEFAULT NULL, p_models text[] DEFAULT NULL)
@@ -903,36 +929,48 @@ COMMENT ON FUNCTION dispatch._next_wake(dispatch.nodes) IS
 'Internal: earliest future moment a node has reason to look: a delayed retry on its
 models becoming due, or a lease on its models running out.';
 
+CREATE FUNCTION dispatch._take_back(p_ids bigint[], p_why text)
+RETURNS TABLE (id bigint, state text, reply_channel text, model text)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    UPDATE dispatch.jobs j SET
+        state = CASE WHEN j.deadline <= now() THEN 'expired'
+                     WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        error = jsonb_build_object('code', CASE WHEN j.deadline <= now() THEN 'deadline_exceeded'
+                                                ELSE 'lease_' || p_why END,
+                                   'message', format('lease of attempt %s held by node %s %s (it ran until %s)',
+                                                     j.attempt, j.leased_by, p_why, j.lease_expires_at)),
+        run_at = now(),
+        finished_at = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN clock_timestamp() END,
+        leased_by = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN j.leased_by END,
+        lease_expires_at = NULL
+    WHERE j.id = ANY (p_ids) AND j.state = 'leased'
+    RETURNING j.id, j.state, j.reply_channel, j.model;
+END
+$$;
+COMMENT ON FUNCTION dispatch._take_back(bigint[], text) IS
+'Internal: leased jobs whose holder lost them (p_why: expired | abandoned) go back to
+the queue, or end failed (attempts spent) or expired (deadline passed). The attempt
+counts: a job that keeps killing its holder runs out of attempts.';
+
 CREATE FUNCTION dispatch._take_back_expired(p_models text[], p_limit integer)
 RETURNS TABLE (id bigint, state text, reply_channel text, model text)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH gone AS (
+    SELECT * FROM dispatch._take_back(ARRAY(
         SELECT j.id FROM dispatch.jobs j
         WHERE j.state = 'leased' AND j.lease_expires_at < now()
           AND (p_models IS NULL OR j.model = ANY (p_models))
         ORDER BY j.lease_expires_at LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE dispatch.jobs j SET
-        state = CASE WHEN j.deadline <= now() THEN 'expired'
-                     WHEN j.attempt >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-        error = jsonb_build_object('code', CASE WHEN j.deadline <= now() THEN 'deadline_exceeded' ELSE 'lease_expired' END,
-                                   'message', format('lease of attempt %s held by node %s expired at %s',
-                                                     j.attempt, j.leased_by, j.lease_expires_at)),
-        run_at = now(),
-        finished_at = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN clock_timestamp() END,
-        leased_by = CASE WHEN j.deadline <= now() OR j.attempt >= j.max_attempts THEN j.leased_by END,
-        lease_expires_at = NULL
-    FROM gone WHERE j.id = gone.id
-    RETURNING j.id, j.state, j.reply_channel, j.model;
+        FOR UPDATE SKIP LOCKED), 'expired');
 END
 $$;
 COMMENT ON FUNCTION dispatch._take_back_expired(text[], integer) IS
-'Internal: leases that ran out (on these models, or all when NULL) go back to the
-queue, or end failed (attempts spent) or expired (deadline passed).';
+'Internal: leases that ran out (on these models, or all when NULL) are taken back.';
 
 -- The daemon's one round trip: settle finished jobs, take back expired leases on
 -- its models, lease up to its free slots, and say when to look again.
@@ -1670,7 +1708,7 @@ GRANT EXECUTE ON FUNCTION
 TO dispatch_gateway, dispatch_admin;
 
 GRANT EXECUTE ON FUNCTION
-    dispatch.register(text, text[], integer, text, jsonb),
+    dispatch.register(text, text[], integer, text, jsonb, json),
     dispatch.report(text, text, integer, text[]),
     dispatch.deregister(),
     dispatch.exchange(json, integer),

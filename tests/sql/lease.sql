@@ -2,7 +2,7 @@
 -- Identity from the session, ordering, slots, served models, admin state and health.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(93);
+SELECT plan(99);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -268,6 +268,28 @@ SELECT lives_ok(format('SELECT dispatch.fail(%s, 2, %L, true)', :h1, '{"code": "
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT state FROM dispatch.jobs WHERE id = :h1), 'queued',
           'a job of max_attempts 2 that was handed back still has a retry after one real failure');
+
+-- register(p_holding): leases the daemon does not know of are taken back at once.
+SELECT dispatch.enroll('gpu-h') AS role_h \gset
+UPDATE dispatch.jobs SET state = 'cancelled' WHERE state IN ('queued', 'leased');
+SELECT dispatch.submit('m1', NULL, '{}', 0, NULL, 3) AS k1 \gset
+SELECT dispatch.submit('m1', NULL, '{}', 0, NULL, 1) AS k2 \gset
+SELECT dispatch.submit('m1', NULL, '{}', 0, NULL, 3) AS k3 \gset
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+SELECT node_id AS node_h FROM dispatch.register('fake', ARRAY['m1'], 4, p_holding => '[]') \gset
+SELECT is((SELECT count(*) FROM dispatch.lease(3)), 3::bigint, 'gpu-h leases three jobs');
+SELECT throws_ok($$SELECT * FROM dispatch.register('fake', ARRAY['m1'], 4, p_holding => '{}')$$, '22023',
+                 'holding must be a JSON array of {"id", "attempt"}', 'register: holding must be an array');
+SELECT lives_ok(format($$SELECT * FROM dispatch.register('fake', ARRAY['m1'], 4, p_holding => '[{"id":%s,"attempt":1}]')$$, :k1),
+                'register: re-register holding only k1');
+RESET SESSION AUTHORIZATION;
+SELECT results_eq(format($$SELECT state, attempt, error->>'code' FROM dispatch.jobs WHERE id IN (%s, %s, %s) ORDER BY id$$, :k1, :k2, :k3),
+                  $$VALUES ('leased'::text, 1, NULL::text), ('failed', 1, 'lease_abandoned'), ('queued', 1, 'lease_abandoned')$$,
+                  'register: the held lease stays; the others are taken back (failed when attempts are spent)');
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+SELECT lives_ok($$SELECT * FROM dispatch.register('fake', ARRAY['m1'], 4)$$, 'register without holding');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT state FROM dispatch.jobs WHERE id = :k1), 'leased', 'register without holding takes nothing back');
 
 SELECT * FROM finish();
 ROLLBACK;
