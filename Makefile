@@ -15,7 +15,8 @@ LIBS     := -lpq -lcurl -lmicrohttpd -ljansson -lm
 # Debian packages a fresh Debian 12 machine needs for build, test and run.
 DEB_PACKAGES := build-essential pkg-config libpq-dev libcurl4-openssl-dev libmicrohttpd-dev \
 	libjansson-dev libcmocka-dev postgresql-15 postgresql-contrib postgresql-15-pgtap \
-	libtap-parser-sourcehandler-pgtap-perl python3-pytest python3-psycopg curl procps
+	libtap-parser-sourcehandler-pgtap-perl python3-pytest python3-psycopg curl procps \
+	$(if $(shell command -v npm),,nodejs npm)
 
 COMMON_SRC  := $(wildcard src/common/*.c)
 GATEWAY_SRC := $(wildcard src/gateway/*.c)
@@ -33,7 +34,7 @@ BINARIES := $(if $(GATEWAY_SRC),$(BUILD)/pgdispatch-gateway) \
 SAN_BINARIES := $(patsubst $(BUILD)/%,$(BUILD)/san/%,$(BINARIES))
 UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/san/unit/%,$(UNIT_SRC))
 
-.PHONY: all help deps build test test-unit test-sql test-integration migrate run clean
+.PHONY: all help deps sdk-deps build test test-unit test-sql test-integration migrate run clean
 
 all: build ## build the programs
 
@@ -49,6 +50,11 @@ deps: ## install missing Debian packages (a no-op when all are there)
 	    $$SUDO apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@$(MAKE) --no-print-directory sdk-deps
+
+# Node or npm from the machine (Debian's nodejs and npm when it had none, see DEB_PACKAGES).
+sdk-deps: ## install the OpenAI Node SDK for the streaming checks (npm ci into tests/sdk, once)
+	@[ -d tests/sdk/node_modules ] || npm ci --prefix tests/sdk --no-audit --no-fund
 
 build: $(BINARIES) $(SAN_BINARIES) ## build the programs and their sanitizer builds
 
@@ -90,7 +96,7 @@ test-sql: ## pgTAP tests of every SQL function, against a throwaway server
 
 # The integration suite runs once, against the ASan/UBSan builds: every process it
 # starts must exit cleanly, so a leak or undefined behaviour fails the test.
-test-integration: build ## pytest against real PostgreSQL, the sanitizer builds of the binaries, fake provider
+test-integration: build sdk-deps ## pytest against real PostgreSQL, the sanitizer builds of the binaries, fake provider
 	PGD_SANITIZE=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 $(PYTHON) -m pytest -q tests/integration
 
 run: deps build ## run the whole system locally: PostgreSQL, provider, daemon, gateway on :8080
@@ -115,3 +121,4 @@ bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B8 into ben
 .PHONY: test-compose
 test-compose: ## run docker-compose.yml for real (podman-compose, as root) and check the running system
 	bash docker/test-compose.sh
+

@@ -1,6 +1,7 @@
 /* lease: what the daemon says to the control plane and how it reads the answers:
  * the outbox of finished attempts (JSON built here, settled by dispatch.exchange),
- * the statement texts, and parsing of exchange rows. Owns the outbox memory only. */
+ * the same structure holding streamed chunks for dispatch.stream, the statement
+ * texts, and parsing of exchange rows. Owns the outbox memory only. */
 #include "lease.h"
 
 #include <errno.h>
@@ -9,7 +10,7 @@
 
 const char LEASE_SQL_REGISTER[] =
     "SELECT node_id, node_name, node_channel, array_to_string(model_channels, ',') "
-    "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb)";
+    "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb, $6::json)";
 const char LEASE_SQL_EXCHANGE[] =
     "SELECT kind, id, attempt, model, endpoint, payload, "
     "(extract(epoch FROM deadline - now()) * 1000)::bigint, "
@@ -21,6 +22,7 @@ const char LEASE_SQL_EXTEND[] =
 const char LEASE_SQL_REPORT[] =
     "SELECT node_id FROM dispatch.report($1, $2, $3::int)";
 const char LEASE_SQL_DEREGISTER[] = "SELECT dispatch.deregister()";
+const char LEASE_SQL_STREAM[] = "SELECT id, attempt, ok FROM dispatch.stream($1::json)";
 
 void lease_outbox_init(lease_outbox_t *ob)
 {
@@ -95,6 +97,93 @@ static int outbox_add_error(lease_outbox_t *ob, int64_t id, int32_t attempt, con
 int lease_outbox_add_error(lease_outbox_t *ob, int64_t id, int32_t attempt, const lease_error_t *e)
 {
     return outbox_add_error(ob, id, attempt, e, false);
+}
+
+int lease_outbox_add_chunk(lease_outbox_t *ob, int64_t id, int32_t attempt, uint32_t seq, bool more,
+                           const char *data, size_t len)
+{
+    size_t start = ob->json.len;
+
+    buf_printf(&ob->json, "{\"id\":%lld,\"attempt\":%d,\"seq\":%lu,\"more\":%s,\"data\":", (long long)id,
+               (int)attempt, (unsigned long)seq, more ? "true" : "false");
+    buf_append_json_string(&ob->json, data, len);
+    buf_append_char(&ob->json, '}');
+    return outbox_commit(ob, start, id, attempt, false);
+}
+
+size_t lease_outbox_drop_job(lease_outbox_t *ob, int64_t id, int32_t attempt)
+{
+    size_t w = ob->sent;
+    size_t wpos = ob->sent > 0 ? ob->meta[ob->sent - 1].end : 0;
+    size_t rpos = wpos;
+    size_t dropped = 0;
+
+    for (size_t i = ob->sent; i < ob->count; i++) {
+        size_t end = ob->meta[i].end;
+
+        if (ob->meta[i].id == id && ob->meta[i].attempt == attempt) {
+            dropped++;
+        } else {
+            if (wpos != rpos)
+                memmove(ob->json.data + wpos, ob->json.data + rpos, end - rpos);
+            wpos += end - rpos;
+            ob->meta[w] = ob->meta[i];
+            ob->meta[w].end = wpos;
+            w++;
+        }
+        rpos = end;
+    }
+    if (dropped > 0) {
+        ob->count = w;
+        ob->json.len = wpos;
+        ob->json.data[wpos] = '\0';
+    }
+    return dropped;
+}
+
+typedef struct {
+    int64_t id;
+    int32_t attempt;
+} job_key_t;
+
+static int key_cmp(const void *a, const void *b)
+{
+    const job_key_t *x = a, *y = b;
+
+    if (x->id != y->id)
+        return x->id < y->id ? -1 : 1;
+    return (x->attempt > y->attempt) - (x->attempt < y->attempt);
+}
+
+size_t lease_outbox_ready_prefix(const lease_outbox_t *outcomes, const lease_outbox_t *chunks)
+{
+    job_key_t *keys;
+    size_t n = 0, i;
+
+    if (chunks->count == 0 || outcomes->count == 0)
+        return outcomes->count;
+    keys = malloc(chunks->count * sizeof *keys);
+    if (keys == NULL) {
+        for (i = 0; i < outcomes->count; i++) {
+            for (size_t k = 0; k < chunks->count; k++) {
+                if (chunks->meta[k].id == outcomes->meta[i].id && chunks->meta[k].attempt == outcomes->meta[i].attempt)
+                    return i;
+            }
+        }
+        return i;
+    }
+    for (size_t k = 0; k < chunks->count; k++) {
+        if (n == 0 || keys[n - 1].id != chunks->meta[k].id || keys[n - 1].attempt != chunks->meta[k].attempt)
+            keys[n++] = (job_key_t){ chunks->meta[k].id, chunks->meta[k].attempt };
+    }
+    qsort(keys, n, sizeof *keys, key_cmp);
+    for (i = 0; i < outcomes->count; i++) {
+        job_key_t k = { outcomes->meta[i].id, outcomes->meta[i].attempt };
+        if (bsearch(&k, keys, n, sizeof *keys, key_cmp) != NULL)
+            break;
+    }
+    free(keys);
+    return i;
 }
 
 size_t lease_outbox_take(lease_outbox_t *ob, size_t max, buf_t *param)

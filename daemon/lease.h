@@ -1,6 +1,7 @@
 /* lease: the daemon's side of the SQL API: the outcome batch (outbox) that the next
- * dispatch.exchange settles, the statements the daemon sends and the parsing of
- * their rows. No I/O: the loop sends what this module builds. */
+ * dispatch.exchange settles, the same kind of batch for streamed chunks that the next
+ * dispatch.stream relays, the statements the daemon sends and the parsing of their
+ * rows. No I/O: the loop sends what this module builds. */
 #ifndef PGD_LEASE_H
 #define PGD_LEASE_H
 
@@ -18,6 +19,7 @@ extern const char LEASE_SQL_EXCHANGE[];    /* $1 json outcomes, $2 int max_jobs;
 extern const char LEASE_SQL_EXTEND[];      /* $1 bigint[] ids, $2 int[] attempts */
 extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_concurrency */
 extern const char LEASE_SQL_DEREGISTER[];
+extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok */
 #define LEASE_EXCHANGE_STMT "pgd_exchange"
 
 /* An error outcome as the daemon reports it to dispatch.exchange. */
@@ -58,6 +60,16 @@ void lease_outbox_free(lease_outbox_t *ob);
 int lease_outbox_add_result(lease_outbox_t *ob, int64_t id, int32_t attempt, const char *body, size_t len);
 /* Queue {"id","attempt","error":{...},"retryable":b}. 0, or -1 when out of memory. */
 int lease_outbox_add_error(lease_outbox_t *ob, int64_t id, int32_t attempt, const lease_error_t *e);
+
+/* Queue a streamed piece {"id","attempt","seq","more","data"} (an outbox used as the
+ * batch of dispatch.stream). data must be valid UTF-8. 0, or -1 when out of memory. */
+int lease_outbox_add_chunk(lease_outbox_t *ob, int64_t id, int32_t attempt, uint32_t seq, bool more,
+                           const char *data, size_t len);
+/* Removes the unsent entries of (id, attempt). Returns how many were removed. */
+size_t lease_outbox_drop_job(lease_outbox_t *ob, int64_t id, int32_t attempt);
+/* How many entries at the front of outcomes belong to jobs that have no entry in
+ * chunks (a job's outcome must not overtake its own chunks). */
+size_t lease_outbox_ready_prefix(const lease_outbox_t *outcomes, const lease_outbox_t *chunks);
 
 /* Marks the first min(max, count) entries as sent and writes the JSON array of them
  * into param (reset first). Returns how many were taken. */

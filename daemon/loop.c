@@ -1,6 +1,7 @@
 /* loop: the daemon's one thread: a curl_multi_poll over provider transfers, the libpq
  * socket and the signal fd; the database connection's life (async connect, register,
- * LISTEN, one query in flight at a time); timers; health; shutdown. Owns daemon_t. */
+ * LISTEN, one query in flight at a time: streamed chunks, outcomes and leases take
+ * turns); timers; health; shutdown. Owns daemon_t. */
 #include "loop.h"
 
 #include <errno.h>
@@ -21,6 +22,7 @@
 #include "db.h"
 #include "lease.h"
 #include "log.h"
+#include "relay.h"
 
 #define WAKE_MARGIN_MS 5             /* look a little after next_wake, never before */
 #define SHUTDOWN_FLUSH_MS 10000      /* after the grace period: time to settle and deregister */
@@ -28,6 +30,7 @@
 #define RECONNECT_CAP_MS 5000
 #define MAX_WAIT_MS 60000
 #define MAX_BATCH_OUTCOMES 1000      /* outcomes per exchange */
+#define MAX_BATCH_CHUNKS 1000        /* stream pieces per dispatch.stream call */
 #define MAX_HOLD_US 5000             /* longest an outcome waits for others to join its exchange */
 
 /* The database connection's life; only db_set_state() changes it. */
@@ -50,6 +53,7 @@ typedef enum {
     Q_EXTEND,
     Q_REPORT,
     Q_DEREGISTER,
+    Q_STREAM,
 } query_kind_t;
 
 typedef struct {
@@ -104,6 +108,9 @@ typedef struct {
     /* Work. */
     lease_outbox_t outbox;
     buf_t param;
+    lease_outbox_t chunks;       /* stream pieces waiting for the next dispatch.stream */
+    buf_t chunk_param;
+    bool last_was_stream;        /* the last batch sent was chunks: outcomes and leases go next */
     size_t isolate;              /* the next exchanges carry one outcome each */
     bool need_exchange;
     int exchange_max_jobs;
@@ -112,7 +119,7 @@ typedef struct {
     int64_t hold_until_us;       /* an exchange is held until then for more outcomes; 0: none */
     int64_t exchange_sent_us;
     int64_t rtt_us;              /* smoothed exchange round trip */
-    uint64_t jobs_started, jobs_done, exchanges;
+    uint64_t jobs_started, jobs_done, exchanges, stream_calls, pieces_relayed;
 
     /* Shutdown. */
     bool stopping;
@@ -186,10 +193,11 @@ static void on_job_done(void *ctx, const job_t *job, const provider_response_t *
     if (d->outbox.count == d->outbox.sent)
         d->first_outcome_us = clock_monotonic_us();
     if (v.complete) {
-        rc = lease_outbox_add_result(&d->outbox, job->id, job->attempt, r->body, r->body_len);
+        rc = lease_outbox_add_result(&d->outbox, job->id, job->attempt, v.result, v.result_len);
     } else {
-        lease_error_t e = { v.code, v.message, v.status, r->status > 0 ? r->body : NULL,
-                            r->status > 0 ? r->body_len : 0, v.retryable };
+        bool with_body = r->status > 0 && r->stream == NULL;
+        lease_error_t e = { v.code, v.message, v.status, with_body ? r->body : NULL,
+                            with_body ? r->body_len : 0, v.retryable };
         rc = lease_outbox_add_error(&d->outbox, job->id, job->attempt, &e);
         if (log_enabled(LOG_DEBUG)) {
             char q[400];
@@ -207,6 +215,20 @@ static void on_job_done(void *ctx, const job_t *job, const provider_response_t *
         provider_start_probe(d->prov, PROBE_HEALTH);
         d->next_probe_at = clock_monotonic_ms() + d->cfg->health_interval_ms;
     }
+}
+
+/* A piece of a streaming job's event: queued for the next dispatch.stream. */
+static int on_chunk(void *ctx, const job_t *job, uint32_t seq, bool more, const char *data, size_t len)
+{
+    daemon_t *d = ctx;
+
+    if (lease_outbox_add_chunk(&d->chunks, job->id, job->attempt, seq, more, data, len) != 0) {
+        log_error("chunk_dropped", "job=%" PRId64 " attempt=%d seq=%u reason=out_of_memory next=stream_broken",
+                  job->id, (int)job->attempt, (unsigned)seq);
+        return -1;
+    }
+    d->pieces_relayed++;
+    return 0;
 }
 
 static void discovery_finish(daemon_t *d)
@@ -362,11 +384,34 @@ static bool db_send(daemon_t *d, query_kind_t kind, const char *sql, const char 
     return true;
 }
 
+/* The attempts this daemon still answers for: running transfers and outcomes not
+ * yet settled. register takes back every other lease the node holds (granted in a
+ * reply lost with the old connection, or left by a previous incarnation). */
+static void build_holding(daemon_t *d, buf_t *out)
+{
+    size_t n = provider_in_flight(d->prov);
+    bool first = true;
+
+    buf_append_char(out, '[');
+    for (size_t i = 0; i < n; i++) {
+        const job_t *j = provider_job_at(d->prov, i);
+        buf_printf(out, "%s{\"id\":%lld,\"attempt\":%d}", first ? "" : ",", (long long)j->id, (int)j->attempt);
+        first = false;
+    }
+    for (size_t i = 0; i < d->outbox.count; i++) {
+        buf_printf(out, "%s{\"id\":%lld,\"attempt\":%d}", first ? "" : ",",
+                   (long long)d->outbox.meta[i].id, (int)d->outbox.meta[i].attempt);
+        first = false;
+    }
+    buf_append_char(out, ']');
+}
+
 static void send_register(daemon_t *d)
 {
     buf_t models = BUF_INIT;
+    buf_t holding = BUF_INIT;
     char cap[24];
-    const char *values[5];
+    const char *values[6];
 
     lease_text_array(&models, (const char *const *)d->models, (size_t)d->nmodels);
     snprintf(cap, sizeof cap, "%ld", d->capacity);
@@ -375,9 +420,12 @@ static void send_register(daemon_t *d)
     values[2] = d->capacity > 0 ? cap : NULL;
     values[3] = d->cfg->region;
     values[4] = d->cfg->labels;
+    build_holding(d, &holding);
+    values[5] = holding.oom ? NULL : holding.data;   /* NULL: take nothing back */
     d->sent_capacity = d->capacity;
-    db_send(d, Q_REGISTER, LEASE_SQL_REGISTER, NULL, 5, values);
+    db_send(d, Q_REGISTER, LEASE_SQL_REGISTER, NULL, 6, values);
     buf_free(&models);
+    buf_free(&holding);
 }
 
 static void send_listen(daemon_t *d)
@@ -406,13 +454,17 @@ static void send_listen(daemon_t *d)
     buf_free(&sql);
 }
 
-static void send_exchange(daemon_t *d, int max_jobs)
+/* Settles up to `ready` outcomes (those whose jobs have no chunk left to send) and
+ * leases up to max_jobs. */
+static void send_exchange(daemon_t *d, int max_jobs, size_t ready)
 {
     char max[16];
     const char *values[2];
     size_t limit = d->isolate > 0 ? 1 : MAX_BATCH_OUTCOMES;
     size_t n;
 
+    if (limit > ready)
+        limit = ready;
     n = lease_outbox_take(&d->outbox, limit, &d->param);
     if (d->param.oom) {
         lease_outbox_sent_retry(&d->outbox);
@@ -429,8 +481,29 @@ static void send_exchange(daemon_t *d, int max_jobs)
     d->exchanges++;
     d->hold_until_us = 0;
     d->exchange_sent_us = clock_monotonic_us();
+    d->last_was_stream = false;
     log_debug("exchange", "outcomes=%zu max_jobs=%d", n, max_jobs);
     db_send(d, Q_EXCHANGE, NULL, LEASE_EXCHANGE_STMT, 2, values);
+}
+
+/* Relays every waiting stream piece (up to a batch) in one dispatch.stream call. Its
+ * transaction does not wait for a disk flush (the function says so itself). */
+static void send_stream(daemon_t *d)
+{
+    const char *values[1];
+    size_t n = lease_outbox_take(&d->chunks, MAX_BATCH_CHUNKS, &d->chunk_param);
+
+    if (d->chunk_param.oom) {
+        lease_outbox_sent_retry(&d->chunks);
+        log_error("stream_skipped", "reason=out_of_memory pieces=%zu", n);
+        d->pause_until = clock_monotonic_ms() + backoff_next_ms(&d->error_backoff);
+        return;
+    }
+    values[0] = d->chunk_param.data;
+    d->last_was_stream = true;
+    d->stream_calls++;
+    log_debug("stream", "pieces=%zu", n);
+    db_send(d, Q_STREAM, LEASE_SQL_STREAM, NULL, 1, values);
 }
 
 /* Renews every lease due within the next sixth of a lease, in one statement. */
@@ -517,10 +590,18 @@ static bool exchange_should_hold(daemon_t *d)
 }
 
 /* Picks the next statement, if any may be sent now. Order: tell the database about a
- * health or capacity change; renew leases; settle outcomes (leasing in the same round
- * trip); lease on a wake; deregister at the end of a shutdown. */
+ * health or capacity change; renew leases; relay stream pieces; settle outcomes
+ * (leasing in the same round trip); lease on a wake; deregister at the end of a
+ * shutdown. Pieces go first, but after a stream call an exchange that has something
+ * to do goes next, so a steady flow of chunks starves neither completions nor
+ * leasing. A job's outcome never overtakes its own pieces: the exchange carries only
+ * the outcomes in front of the first one whose job still has pieces waiting, so the
+ * gateway hears every chunk before the completion. */
 static void maybe_send(daemon_t *d, int64_t now)
 {
+    size_t ready;
+    bool lease_wanted, exchange_wanted;
+
     if (d->db != DB_READY || d->query != Q_NONE || now < d->pause_until)
         return;
     if (d->healthy != d->db_healthy || d->capacity != d->db_capacity) {
@@ -531,17 +612,27 @@ static void maybe_send(daemon_t *d, int64_t now)
         return;
     /* Collect what finished since the last look, so it rides in this round trip. */
     provider_run(d->prov, &provider_events, d);
-    if (d->outbox.count > 0) {
-        if (exchange_should_hold(d))
+    ready = lease_outbox_ready_prefix(&d->outbox, &d->chunks);
+    lease_wanted = d->need_exchange && daemon_may_lease(d) && daemon_free_slots(d) > 0;
+    exchange_wanted = ready > 0 || lease_wanted;
+    if (d->chunks.count > 0 && (!d->last_was_stream || !exchange_wanted)) {
+        send_stream(d);
+        return;
+    }
+    if (ready > 0) {
+        if (exchange_should_hold(d)) {
+            if (d->chunks.count > 0)
+                send_stream(d);
             return;
-        send_exchange(d, daemon_may_lease(d) ? daemon_free_slots(d) : 0);
+        }
+        send_exchange(d, daemon_may_lease(d) ? daemon_free_slots(d) : 0, ready);
         return;
     }
-    if (d->need_exchange && daemon_may_lease(d) && daemon_free_slots(d) > 0) {
-        send_exchange(d, daemon_free_slots(d));
+    if (lease_wanted) {
+        send_exchange(d, daemon_free_slots(d), 0);
         return;
     }
-    if (d->stopping && d->aborted_rest)
+    if (d->stopping && d->aborted_rest && d->outbox.count == 0)
         db_send(d, Q_DEREGISTER, LEASE_SQL_DEREGISTER, NULL, 0, NULL);
 }
 
@@ -555,6 +646,10 @@ static void db_close(daemon_t *d)
     d->query = Q_NONE;
     d->flush_pending = false;
     lease_outbox_sent_retry(&d->outbox);
+    /* Pieces in a stream call whose outcome is unknown go again after the reconnect:
+     * a gateway that already has them sees a seq it has passed. */
+    lease_outbox_sent_retry(&d->chunks);
+    d->last_was_stream = false;
     clear_extending(d);
     db_set_state(d, DB_DOWN);
 }
@@ -712,6 +807,7 @@ static void start_job_row(daemon_t *d, const lease_row_t *row, int64_t received_
     job.deadline_mono = row->has_deadline ? received_at + 1 + (row->deadline_in_ms > 0 ? row->deadline_in_ms : 0) : 0;
     job.lease_len_ms = row->lease_in_ms > 0 ? row->lease_in_ms : 1;
     job.lease_expires_mono = d->query_sent_at + job.lease_len_ms;
+    job.stream = relay_requested(row->payload, row->payload_len);
     if (provider_start_job(d->prov, &job, row->endpoint, row->payload, row->payload_len) == NULL) {
         queue_error(d, &job, "internal", "the daemon could not start the transfer (out of memory)", true);
         return;
@@ -821,6 +917,75 @@ static void on_extend_result(daemon_t *d, const PGresult *res, const char *sqlst
     }
 }
 
+/* A streaming attempt that can no longer be relayed: its transfer stops, its waiting
+ * pieces and any outcome not yet sent are dropped. */
+static void stream_forget(daemon_t *d, int64_t id, int32_t attempt)
+{
+    provider_abort_job(d->prov, id, attempt);
+    lease_outbox_drop_job(&d->chunks, id, attempt);
+    lease_outbox_drop_job(&d->outbox, id, attempt);
+}
+
+static void on_stream_result(daemon_t *d, const PGresult *res, const char *sqlstate, const char *err)
+{
+    char q[600];
+    int n;
+
+    if (err != NULL) {
+        size_t sent = d->chunks.sent;
+        int64_t last_id = -1;
+        int32_t last_attempt = -1;
+        int64_t *ids;
+        int32_t *attempts;
+        size_t njobs = 0;
+
+        if (error_is_connection(d->conn, sqlstate)) {
+            db_lost(d, err);
+            return;
+        }
+        /* The database refuses these pieces: their streams cannot go on without a gap,
+         * so those jobs fail (not retryable: their clients may have earlier chunks). */
+        log_error("stream_failed", "sqlstate=%s reason=%s pieces=%zu next=fail_those_streams", sqlstate,
+                  log_quote(q, sizeof q, err), sent);
+        ids = malloc((sent ? sent : 1) * sizeof *ids);
+        attempts = malloc((sent ? sent : 1) * sizeof *attempts);
+        for (size_t i = 0; ids && attempts && i < sent; i++) {
+            const lease_outcome_meta_t *m = &d->chunks.meta[i];
+            if (m->id == last_id && m->attempt == last_attempt)
+                continue;
+            last_id = m->id;
+            last_attempt = m->attempt;
+            ids[njobs] = m->id;
+            attempts[njobs++] = m->attempt;
+        }
+        lease_outbox_sent_done(&d->chunks);
+        for (size_t i = 0; i < njobs; i++) {
+            job_t gone = { 0 };
+            gone.id = ids[i];
+            gone.attempt = attempts[i];
+            stream_forget(d, gone.id, gone.attempt);
+            queue_error(d, &gone, "stream_broken", "the control plane refused the stream's chunks", false);
+        }
+        free(ids);
+        free(attempts);
+        d->pause_until = clock_monotonic_ms() + backoff_next_ms(&d->error_backoff);
+        return;
+    }
+    lease_outbox_sent_done(&d->chunks);
+    backoff_reset(&d->error_backoff);
+    n = PQntuples(res);
+    for (int i = 0; i < n; i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        int attempt = atoi(PQgetvalue(res, i, 1));
+
+        if (PQgetvalue(res, i, 2)[0] == 't')
+            continue;
+        log_info("stream_refused", "job=%" PRId64 " attempt=%d next=abort_transfer "
+                 "reason=\"the attempt no longer holds its lease (cancelled or taken back)\"", id, attempt);
+        stream_forget(d, id, attempt);
+    }
+}
+
 static void on_report_result(daemon_t *d, const char *sqlstate, const char *err)
 {
     char q[600];
@@ -888,6 +1053,9 @@ static void on_result(daemon_t *d, const PGresult *res)
     case Q_DEREGISTER:
         on_deregister_result(d, res, sqlstate, e);
         break;
+    case Q_STREAM:
+        on_stream_result(d, res, sqlstate, e);
+        break;
     case Q_NONE:
         break;
     }
@@ -926,6 +1094,11 @@ static void on_notify(daemon_t *d, const PGnotify *n)
 {
     if (strcmp(n->relname, d->node_channel) == 0) {
         int64_t id = strtoll(n->extra, NULL, 10);
+        job_t *j = provider_find_job(d->prov, id);
+
+        /* A cancelled stream's waiting pieces are no use to anyone: drop them now. */
+        if (j != NULL && j->relayed > 0)
+            lease_outbox_drop_job(&d->chunks, id, j->attempt);
         if (provider_abort_job(d->prov, id, -1))
             log_debug("job_cancelled", "job=%" PRId64 " next=transfer_aborted", id);
         return;
@@ -982,8 +1155,11 @@ static void abort_all(daemon_t *d, const char *why)
     if (n > 0)
         log_warn("transfers_aborted", "count=%zu reason=%s next=hand_back_on_deregister", n, why);
     while (provider_in_flight(d->prov) > 0) {
-        job_t *j = provider_job_at(d->prov, 0);
-        provider_abort_job(d->prov, j->id, j->attempt);
+        job_t copy = *provider_job_at(d->prov, 0);
+        provider_abort_job(d->prov, copy.id, copy.attempt);
+        /* A stream some of which the client already has cannot start over elsewhere. */
+        if (copy.relayed > 0)
+            queue_error(d, &copy, "stream_broken", "the daemon shut down while the answer was streaming", false);
     }
 }
 
@@ -1101,6 +1277,8 @@ static void daemon_free(daemon_t *d)
     provider_free(d->prov);
     lease_outbox_free(&d->outbox);
     buf_free(&d->param);
+    lease_outbox_free(&d->chunks);
+    buf_free(&d->chunk_param);
     lease_free_list(d->models, d->nmodels);
     lease_free_list(d->found_models, d->nfound_models);
     free(d->channels);
@@ -1128,6 +1306,7 @@ int loop_run(const daemon_config_t *cfg, int sigfd)
     d.found_slots = d.found_running = -1;
     snprintf(d.family, sizeof d.family, "%s", cfg->provider_family ? cfg->provider_family : "openai");
     lease_outbox_init(&d.outbox);
+    lease_outbox_init(&d.chunks);
     backoff_init(&d.backoff, RECONNECT_BASE_MS, RECONNECT_CAP_MS, seed);
     backoff_init(&d.error_backoff, RECONNECT_BASE_MS, RECONNECT_CAP_MS, seed * 31 + 7);
     if (cfg->models != NULL) {
@@ -1143,6 +1322,7 @@ int loop_run(const daemon_config_t *cfg, int sigfd)
         log_error("start_failed", "reason=\"%s\"", err);
         return DAEMON_EXIT_FAILED;
     }
+    provider_set_chunk_sink(d.prov, on_chunk, &d);
 
     discovery_start(&d);
     d.next_probe_at = clock_monotonic_ms();
@@ -1194,8 +1374,9 @@ int loop_run(const daemon_config_t *cfg, int sigfd)
             db_io(&d, want);
         }
     }
-    log_info("exit", "status=%d jobs_started=%" PRIu64 " jobs_finished=%" PRIu64 " exchanges=%" PRIu64,
-             d.exit_code, d.jobs_started, d.jobs_done, d.exchanges);
+    log_info("exit", "status=%d jobs_started=%" PRIu64 " jobs_finished=%" PRIu64 " exchanges=%" PRIu64
+             " stream_calls=%" PRIu64 " pieces_relayed=%" PRIu64,
+             d.exit_code, d.jobs_started, d.jobs_done, d.exchanges, d.stream_calls, d.pieces_relayed);
     daemon_free(&d);
     return d.exit_code;
 }

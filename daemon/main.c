@@ -20,7 +20,9 @@ static const char usage[] =
     "\n"
     "Runs jobs from the pgdispatch control plane against a local model server. Logs in\n"
     "with its node's own role (SELECT dispatch.enroll('<name>') creates it), registers,\n"
-    "sleeps on LISTEN and leases up to its free slots when woken.\n"
+    "sleeps on LISTEN and leases up to its free slots when woken. A job whose payload\n"
+    "has \"stream\": true is relayed to its waiting gateway event by event as the provider\n"
+    "streams it (dispatch.stream), then completed with the assembled response.\n"
     "\n"
     "Signals: SIGTERM/SIGINT stop leasing, let in-flight jobs finish within --grace-ms,\n"
     "hand the rest back and exit 0 (a second signal aborts at once). SIGHUP reloads\n"
@@ -58,7 +60,8 @@ static const config_option_t options[] = {
     { "grace-ms", "PGDISPATCH_GRACE_MS", CONFIG_INT, &cfg.grace_ms, "30000", 0, 3600000,
       "on SIGTERM: time in-flight jobs get to finish before the rest are handed back" },
     { "max-response-bytes", "PGDISPATCH_MAX_RESPONSE_BYTES", CONFIG_INT, &cfg.max_response_bytes, "67108864",
-      1024, 1073741824, "largest provider response accepted (larger: bad_response)" },
+      1024, 1073741824, "largest provider response accepted (larger: bad_response); for a stream, the largest event and the "
+      "assembled content" },
     { "log-level", "PGDISPATCH_LOG_LEVEL", CONFIG_STRING, &log_level_text, "info", 0, 0,
       "debug | info | warn | error" },
 };

@@ -1,20 +1,34 @@
 /* provider: the daemon's HTTP side, one curl multi handle: job transfers (pooled easy
- * handles, bodies trimmed on completion), health and discovery probes, classification
- * of responses, parsing of discovery bodies. Owns every transfer. */
+ * handles, bodies trimmed on completion; a streaming job's event stream goes through
+ * a relay_job_t in the write callback, whose pieces leave through the chunk sink),
+ * health and discovery probes, classification of responses, parsing of discovery
+ * bodies. Owns every transfer and its stream state. */
 #include "provider.h"
 
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "buf.h"
+#include "relay.h"
 
 #define PROVIDER_POOL_MAX 1024           /* idle job transfers kept for reuse */
 #define PROVIDER_KEEP_BODY_BYTES 65536   /* a reused transfer keeps at most this much */
 
+typedef enum {
+    BODY_PLAIN = 0,              /* kept whole in body */
+    BODY_UNDECIDED,              /* a streaming job before its first body bytes */
+    BODY_SSE,                    /* parsed as it arrives by st */
+} body_mode_t;
+
 typedef struct transfer {
     CURL *easy;
+    struct provider *owner;
+    body_mode_t mode;
+    relay_job_t *st;            /* BODY_SSE: the stream's state */
+    relay_kind_t kind;
     buf_t body;
     char *payload;               /* job: request body (owned) */
     size_t limit;
@@ -31,6 +45,9 @@ struct provider {
     provider_options_t opt;
     char *base;                  /* base_url without trailing slashes */
     struct curl_slist *json_headers;
+    struct curl_slist *sse_headers;
+    provider_chunk_fn chunk_fn;
+    void *chunk_ctx;
     transfer_t **jobs;
     size_t njobs, jobs_cap;
     transfer_t **pool;
@@ -44,11 +61,46 @@ static const char *const probe_paths[PROBE__COUNT] = {
     [PROBE_MODELS] = "/v1/models",
 };
 
+static int transfer_emit(void *ctx, uint32_t seq, bool more, const char *data, size_t len)
+{
+    transfer_t *t = ctx;
+    int rc = 0;
+
+    if (t->owner->chunk_fn != NULL)
+        rc = t->owner->chunk_fn(t->owner->chunk_ctx, &t->job, seq, more, data, len);
+    if (rc == 0)
+        t->job.relayed = seq + 1;
+    return rc;
+}
+
+/* A streaming job's first body bytes: a 2xx text/event-stream is parsed as it
+ * arrives; anything else is kept whole and classified as usual at the end. */
+static void transfer_decide(transfer_t *t)
+{
+    long status = 0;
+    char *type = NULL;
+
+    t->mode = BODY_PLAIN;
+    curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(t->easy, CURLINFO_CONTENT_TYPE, &type);
+    if (status < 200 || status >= 300 || type == NULL || strncasecmp(type, "text/event-stream", 17) != 0)
+        return;
+    t->st = malloc(sizeof *t->st);
+    if (t->st == NULL)
+        return;                  /* read it whole: it will fail as bad_response */
+    relay_job_init(t->st, t->kind, t->limit, transfer_emit, t);
+    t->mode = BODY_SSE;
+}
+
 static size_t transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 {
     transfer_t *t = userdata;
     size_t n = size * nmemb;
 
+    if (t->mode == BODY_UNDECIDED)
+        transfer_decide(t);
+    if (t->mode == BODY_SSE)
+        return relay_job_feed(t->st, data, n) ? n : 0;   /* 0: CURLE_WRITE_ERROR ends it */
     if (n > t->limit - t->body.len) {
         t->too_large = true;
         return 0;   /* CURLE_WRITE_ERROR ends the transfer */
@@ -88,6 +140,9 @@ static void transfer_free(transfer_t *t)
     curl_easy_cleanup(t->easy);
     buf_free(&t->body);
     free(t->payload);
+    if (t->st != NULL)
+        relay_job_free(t->st);
+    free(t->st);
     free(t);
 }
 
@@ -114,7 +169,10 @@ provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen
     p->json_headers = curl_slist_append(NULL, "Content-Type: application/json");
     p->json_headers = curl_slist_append(p->json_headers, "Accept: application/json");
     p->json_headers = curl_slist_append(p->json_headers, "Expect:");   /* no 100-continue wait */
-    if (p->json_headers == NULL) {
+    p->sse_headers = curl_slist_append(NULL, "Content-Type: application/json");
+    p->sse_headers = curl_slist_append(p->sse_headers, "Accept: text/event-stream, application/json");
+    p->sse_headers = curl_slist_append(p->sse_headers, "Expect:");
+    if (p->json_headers == NULL || p->sse_headers == NULL) {
         snprintf(err, errlen, "out of memory");
         provider_free(p);
         return NULL;
@@ -144,6 +202,7 @@ void provider_free(provider_t *p)
     free(p->jobs);
     free(p->pool);
     curl_slist_free_all(p->json_headers);
+    curl_slist_free_all(p->sse_headers);
     if (p->multi)
         curl_multi_cleanup(p->multi);
     free(p->base);
@@ -153,6 +212,12 @@ void provider_free(provider_t *p)
 CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms)
 {
     return curl_multi_poll(p->multi, extra, n, timeout_ms, NULL);
+}
+
+void provider_set_chunk_sink(provider_t *p, provider_chunk_fn fn, void *ctx)
+{
+    p->chunk_fn = fn;
+    p->chunk_ctx = ctx;
 }
 
 /* Takes a job transfer out of the running set and back to the pool (or frees it).
@@ -165,6 +230,12 @@ static void job_release(provider_t *p, transfer_t *t)
     p->jobs[i]->index = i;
     free(t->payload);
     t->payload = NULL;
+    if (t->st != NULL) {
+        relay_job_free(t->st);
+        free(t->st);
+        t->st = NULL;
+    }
+    t->mode = BODY_PLAIN;
     if (t->body.cap > PROVIDER_KEEP_BODY_BYTES)
         buf_free(&t->body);
     else
@@ -192,6 +263,7 @@ static void fill_response(const transfer_t *t, CURLcode code, provider_response_
 {
     long status = 0;
 
+    memset(r, 0, sizeof *r);
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
     r->curl_code = code;
     r->status = status;
@@ -211,12 +283,14 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
     while ((msg = curl_multi_info_read(p->multi, &queued)) != NULL) {
         transfer_t *t = NULL;
         provider_response_t r;
+        CURLcode result;
 
         if (msg->msg != CURLMSG_DONE)
             continue;
+        result = msg->data.result;
         curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&t);
         curl_multi_remove_handle(p->multi, msg->easy_handle);   /* invalidates msg */
-        fill_response(t, msg->data.result, &r);
+        fill_response(t, result, &r);
         if (t->is_probe) {
             p->probe_running[t->probe] = false;
             ev->probe_done(ctx, t->probe, &r);
@@ -224,7 +298,22 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
             t->too_large = false;
         } else {
             job_t job = t->job;
+            provider_stream_t ps = { 0 };
+            char *assembled = NULL;
+
+            if (t->mode == BODY_SSE) {
+                ps.events = t->st->events;
+                ps.clean = relay_job_clean(t->st, result == CURLE_OK);
+                ps.too_large = t->st->too_large;
+                ps.error = t->st->failed ? t->st->error : NULL;
+                if (ps.clean) {
+                    assembled = relay_asm_result(&t->st->as, &ps.result_len);
+                    ps.result = assembled;
+                }
+                r.stream = &ps;
+            }
             ev->job_done(ctx, &job, &r);
+            free(assembled);
             job_release(p, t);
         }
     }
@@ -267,13 +356,18 @@ job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint,
     memcpy(t->payload, payload, payload_len);
     t->payload[payload_len] = '\0';
     t->is_probe = false;
+    t->owner = p;
     t->job = *job;
+    t->job.relayed = 0;
+    t->mode = job->stream ? BODY_UNDECIDED : BODY_PLAIN;
+    t->kind = strstr(endpoint, "chat/completions") ? RELAY_KIND_CHAT
+            : strstr(endpoint, "completions") ? RELAY_KIND_TEXT : RELAY_KIND_AUTO;
     t->limit = p->opt.max_response_bytes;
     t->too_large = false;
     t->errbuf[0] = '\0';
     buf_reset(&t->body);
     curl_easy_setopt(t->easy, CURLOPT_URL, url.data);
-    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, p->json_headers);
+    curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, job->stream ? p->sse_headers : p->json_headers);
     curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)payload_len);
     curl_easy_setopt(t->easy, CURLOPT_POSTFIELDS, t->payload);
     curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, p->opt.request_timeout_ms);
@@ -385,10 +479,75 @@ static void describe_status(const provider_response_t *r, char *out, size_t len)
     json_decref(root);
 }
 
+/* A transport failure before any answer could be used: retryable, and the provider's
+ * health is worth a probe. */
+static void classify_transport(const provider_response_t *r, provider_verdict_t *v)
+{
+    v->retryable = true;
+    v->provider_unreachable = true;
+    switch (r->curl_code) {
+    case CURLE_OPERATION_TIMEDOUT:
+        v->code = "timeout";
+        break;
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+        v->code = "connect_failed";
+        break;
+    default:
+        v->code = "transport_error";
+        break;
+    }
+    snprintf(v->message, sizeof v->message, "%s: %s", curl_easy_strerror(r->curl_code),
+             r->curl_error ? r->curl_error : "");
+}
+
+static void classify_stream(const provider_response_t *r, provider_verdict_t *v)
+{
+    const provider_stream_t *s = r->stream;
+    char what[260];
+
+    if (s->clean && s->result != NULL) {
+        v->complete = true;
+        v->result = s->result;
+        v->result_len = s->result_len;
+        return;
+    }
+    if (s->clean)
+        snprintf(what, sizeof what, "out of memory assembling the response");
+    else if (s->error != NULL)
+        snprintf(what, sizeof what, "%s", s->error);
+    else if (r->curl_code != CURLE_OK)
+        snprintf(what, sizeof what, "connection cut (%s: %s)", curl_easy_strerror(r->curl_code),
+                 r->curl_error ? r->curl_error : "");
+    else
+        snprintf(what, sizeof what, "the stream ended without a finish_reason or [DONE]");
+    if (s->events == 0) {
+        /* Nothing reached the client: the job can still fail (or be retried) as a
+         * non-stream job would. */
+        if (s->error == NULL && !s->clean && r->curl_code != CURLE_OK) {
+            classify_transport(r, v);
+            return;
+        }
+        v->code = "bad_response";
+        snprintf(v->message, sizeof v->message, "provider answered HTTP %ld with an unusable event stream: %.240s",
+                 r->status, what);
+        return;
+    }
+    v->code = "stream_broken";
+    v->provider_unreachable = s->error == NULL && r->curl_code != CURLE_OK;
+    snprintf(v->message, sizeof v->message, "the provider's stream broke after %zu chunk%s were relayed: %.240s",
+             s->events, s->events == 1 ? "" : "s", what);
+}
+
 void provider_classify(const provider_response_t *r, provider_verdict_t *v)
 {
     memset(v, 0, sizeof *v);
     v->status = r->status;
+    if (r->stream != NULL) {
+        classify_stream(r, v);
+        return;
+    }
     if (r->too_large) {
         v->code = "bad_response";
         snprintf(v->message, sizeof v->message, "provider response is larger than the %zu-byte limit",
@@ -396,23 +555,7 @@ void provider_classify(const provider_response_t *r, provider_verdict_t *v)
         return;
     }
     if (r->curl_code != CURLE_OK) {
-        v->retryable = true;
-        v->provider_unreachable = true;
-        switch (r->curl_code) {
-        case CURLE_OPERATION_TIMEDOUT:
-            v->code = "timeout";
-            break;
-        case CURLE_COULDNT_CONNECT:
-        case CURLE_COULDNT_RESOLVE_HOST:
-        case CURLE_COULDNT_RESOLVE_PROXY:
-            v->code = "connect_failed";
-            break;
-        default:
-            v->code = "transport_error";
-            break;
-        }
-        snprintf(v->message, sizeof v->message, "%s: %s", curl_easy_strerror(r->curl_code),
-                 r->curl_error ? r->curl_error : "");
+        classify_transport(r, v);
         return;
     }
     if (r->status >= 200 && r->status < 300) {
@@ -427,6 +570,8 @@ void provider_classify(const provider_response_t *r, provider_verdict_t *v)
         root = json_loadb(r->body, r->body_len, 0, &jerr);
         if (json_is_object(root)) {
             v->complete = true;
+            v->result = r->body;
+            v->result_len = r->body_len;
             json_decref(root);
             return;
         }

@@ -1,6 +1,8 @@
-/* provider: the daemon's HTTP side (libcurl multi): one transfer per leased job, the
- * local health and discovery probes, the classification of what came back, and the
- * parsing of /props, /server_info and /v1/models bodies. */
+/* provider: the daemon's HTTP side (libcurl multi): one transfer per leased job (a
+ * streaming job's text/event-stream answer is relayed chunk by chunk through a sink
+ * as it arrives and assembled into one response), the local health and discovery
+ * probes, the classification of what came back, and the parsing of /props,
+ * /server_info and /v1/models bodies. */
 #ifndef PGD_PROVIDER_H
 #define PGD_PROVIDER_H
 
@@ -19,6 +21,8 @@ typedef struct {
     int64_t lease_expires_mono;  /* monotonic ms when the lease runs out (conservative) */
     int64_t lease_len_ms;        /* length of a lease, for the extension schedule */
     bool extending;              /* in the dispatch.extend call in flight */
+    bool stream;                 /* the payload asked for "stream": true */
+    uint32_t relayed;            /* stream pieces handed to the chunk sink so far */
 } job_t;
 
 typedef enum {
@@ -38,7 +42,18 @@ typedef struct {
     const char *curl_error;      /* curl's message for curl_code != CURLE_OK, else "" */
     bool too_large;              /* the body passed the size limit and was cut off */
     size_t size_limit;
+    const struct provider_stream *stream;   /* set when a streaming job got a 2xx event stream */
 } provider_response_t;
+
+/* How a streaming job's event stream went (its body was parsed, not kept). */
+typedef struct provider_stream {
+    size_t events;               /* events relayed to the chunk sink */
+    bool clean;                  /* ended with [DONE], or the body ended after a finish_reason */
+    bool too_large;              /* an event or the assembled content passed the size limit */
+    const char *error;           /* why the daemon stopped reading it; NULL: it did not */
+    const char *result;          /* the assembled response when clean; NULL: out of memory */
+    size_t result_len;
+} provider_stream_t;
 
 /* How a job's response is settled. */
 typedef struct {
@@ -48,6 +63,8 @@ typedef struct {
     const char *code;            /* static error code when !complete */
     long status;
     char message[320];
+    const char *result;          /* when complete: the result to store (the body or the assembled stream) */
+    size_t result_len;
 } provider_verdict_t;
 
 typedef struct {
@@ -64,16 +81,26 @@ typedef struct {
     void (*probe_done)(void *ctx, probe_kind_t kind, const provider_response_t *r);
 } provider_events_t;
 
+/* Receives each piece of a streaming job's events as it arrives (see relay.h's
+ * stream_emit_fn); called from inside provider_run/provider_kick, so it must not call
+ * back into the provider. Returns 0, or -1 when the piece could not be queued (the
+ * transfer then ends as a broken stream). */
+typedef int (*provider_chunk_fn)(void *ctx, const job_t *job, uint32_t seq, bool more, const char *data,
+                                 size_t len);
+
 /* NULL with err filled when curl cannot be set up. The options' strings must outlive p. */
 provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen);
 void provider_free(provider_t *p);
+/* Where streaming jobs' pieces go (none: they are only assembled). */
+void provider_set_chunk_sink(provider_t *p, provider_chunk_fn fn, void *ctx);
 
 /* Waits (curl_multi_poll) on transfers and the extra fds for at most timeout_ms. */
 CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms);
 /* Drives transfers and reports each finished one through ev. */
 void provider_run(provider_t *p, const provider_events_t *ev, void *ctx);
 
-/* Starts POST {base}{endpoint} with payload (copied). Returns the job record (owned
+/* Starts POST {base}{endpoint} with payload (copied); job->stream says whether the
+ * answer is read as an event stream (when it is one). Returns the job record (owned
  * by p, valid until the job ends or is aborted), or NULL when out of memory. */
 job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint,
                           const char *payload, size_t payload_len);
@@ -94,7 +121,10 @@ bool provider_probe_running(const provider_t *p, probe_kind_t kind);
 
 /* Classification of a job's response (pure): 2xx with a JSON object → complete;
  * 2xx otherwise → bad_response, not retryable; 4xx → provider_4xx, not retryable;
- * 5xx, refused connection, timeout, broken transfer → retryable. */
+ * 5xx, refused connection, timeout, broken transfer → retryable. An event stream
+ * (r->stream): clean → complete with the assembled response; broken before any chunk
+ * was relayed → as above (transport failures retryable, anything else bad_response);
+ * broken after → stream_broken, not retryable (the client has part of the answer). */
 void provider_classify(const provider_response_t *r, provider_verdict_t *out);
 /* Health from a probe: reachable and status < 500. reason filled when unhealthy. */
 bool provider_probe_healthy(const provider_response_t *r, char *reason, size_t len);

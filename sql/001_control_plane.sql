@@ -194,7 +194,8 @@ $$;
 COMMENT ON FUNCTION dispatch._node_live(integer, integer) IS
 'Internal: whether a node''s daemon session is connected (holds its liveness lock).
 A dead node''s lock is then held shared by this transaction until it ends, which a
-registering daemon waits out (register waits up to 250 ms for the lock).';
+registering daemon waits out (register waits up to 2 s for the lock, which also covers
+the session of a killed daemon that has not quite ended yet).';
 
 -- Nodes that can take work now: live, active, healthy.
 CREATE FUNCTION dispatch._serving_nodes()
@@ -777,7 +778,7 @@ BEGIN
     -- it shared for the rest of its transaction (see _node_live).
     IF n.backend_pid IS DISTINCT FROM pg_backend_pid() THEN
         v_lock_timeout := current_setting('lock_timeout');
-        PERFORM set_config('lock_timeout', '250ms', true);
+        PERFORM set_config('lock_timeout', '2s', true);
         BEGIN
             PERFORM pg_advisory_lock(dispatch._lock_class(), n.id);
         EXCEPTION WHEN lock_not_available THEN

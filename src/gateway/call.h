@@ -17,7 +17,10 @@ typedef enum {
     CALL_STATUS,      /* GET /v1/status */
     CALL_METRICS,     /* GET /metrics */
     CALL_READY,       /* GET /readyz */
+    CALL_STREAM,      /* dispatcher-internal: relays a started stream (the shadow in gw_stream_t) */
 } call_kind_t;
+
+struct gw_stream;
 
 /* What goes back to the client. body is malloc'd and owned by whoever holds the
  * reply (the call, then the HTTP side that frees it); the strings are static. */
@@ -45,6 +48,8 @@ struct call {
     bool keyed;                /* submit carries an idempotency key (may be a replay) */
     char *api_key;             /* bearer token to check, or NULL; owned by the HTTP side */
     int client_fd;             /* the client's socket, watched for hang-ups while waiting */
+    struct gw_stream *stream;  /* submit with "stream": true: the event stream (the HTTP side
+                                * holds a reference); NULL otherwise */
     call_resume_fn resume;     /* hands the call back; the dispatcher never touches it after */
 
     /* Dispatcher-private bookkeeping. */
@@ -59,6 +64,8 @@ struct call {
     /* Output, written by the dispatcher before resume. */
     gw_reply_t reply;
     bool job_final;            /* the job is finished or cancelled: nothing to clean up */
+    bool streaming;            /* stream: the first event is ready; answer 200 with the event
+                                * stream, which the dispatcher goes on feeding */
 };
 
 #endif

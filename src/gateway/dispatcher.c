@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,7 @@
 #include "errors.h"
 #include "log.h"
 #include "metrics.h"
+#include "stream.h"
 #include "waiters.h"
 
 #define KEY_CACHE_MAX 256
@@ -34,6 +36,7 @@
 #define RECENT_MAX 100000
 #define STUCK_CHECK_MS 5000
 #define STOP_GRACE_MS 2000
+#define ORPHAN_MAX_BYTES (4u * 1024u * 1024u)
 
 /* What a worker connection is doing; each value names what its calls/ids hold. */
 typedef enum {
@@ -80,6 +83,13 @@ typedef struct {
     int64_t expires_ms;
 } key_entry_t;
 
+/* A stream piece for a job nobody waits for (yet): kept while a submit is in flight,
+ * since its job may be leased and streaming before its submit's result is read. */
+typedef struct {
+    int64_t id;
+    char *payload;
+} orphan_t;
+
 struct dispatcher {
     dispatcher_options_t opt;
     char *conninfo;
@@ -118,6 +128,10 @@ struct dispatcher {
      * flight: a job can finish (and be notified) before its submit's result, or a
      * long-poll's results row, has been read here. One of each op runs at a time. */
     idvec_t recent_submit, recent_results;
+    orphan_t *orphans;
+    size_t norphans, orphans_cap, orphan_bytes;
+    call_t **scratch;        /* the stream waiters of one piece */
+    size_t scratch_cap;
     int submits_in_flight;
     bool results_in_flight, auth_in_flight, stuck_in_flight;
     waiters_t waiters;
@@ -925,6 +939,268 @@ static void dispatcher_queue_result_id(dispatcher_t *d, int64_t id)
         log_error("recheck_dropped", "job=%lld why=out_of_memory", (long long)id);
 }
 
+/* ---- streams ------------------------------------------------------------------- */
+
+/* A relaying stream ends: its last bytes (tail, may be NULL) go out and the
+ * dispatcher lets go of it. sh may be freed by this. */
+static void dispatcher_stream_close(dispatcher_t *d, call_t *sh, const buf_t *tail, bool abort, const char *how)
+{
+    gw_stream_t *st = sh->stream;
+    bool ok = tail && !tail->oom && tail->len > 0;
+
+    dispatcher_remove_waiter(d, sh);
+    stream_end(st, ok ? tail->data : NULL, ok ? tail->len : 0, abort || (tail && tail->oom));
+    metrics_stream_end(how);
+    atomic_fetch_sub(&d->outstanding, 1);
+    stream_release(st);
+}
+
+/* End a relaying stream with an error event (and no [DONE]); cancel_reason: the job
+ * is cancelled too (static string). */
+static void dispatcher_stream_fail(dispatcher_t *d, call_t *sh, const char *cancel_reason, const char *type,
+                                   const char *code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static void dispatcher_stream_fail(dispatcher_t *d, call_t *sh, const char *cancel_reason, const char *type,
+                                   const char *code, const char *fmt, ...)
+{
+    char message[1024], q[1100];
+    buf_t b = BUF_INIT;
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(message, sizeof message, fmt, ap);
+    va_end(ap);
+    if (cancel_reason)
+        dispatcher_push_cancel(d, sh->job_id, cancel_reason, false);
+    log_info("stream_failed", "job=%lld code=%s message=%s next=\"error event sent, stream closed%s\"",
+             (long long)sh->job_id, code, log_quote(q, sizeof q, message), cancel_reason ? ", job cancelled" : "");
+    stream_frame_error(&b, message, type, code);
+    dispatcher_stream_close(d, sh, &b, false, "error");
+    buf_free(&b);
+}
+
+/* A job that ended after its stream started: [DONE] when it succeeded and every
+ * piece arrived; otherwise an error event. */
+static void dispatcher_stream_outcome(dispatcher_t *d, call_t *sh, int64_t id, const char *state, const char *result,
+                                      const char *error)
+{
+    gw_reply_t r = {0};
+    json_t *doc, *err;
+    const char *message, *type, *code;
+
+    if (strcmp(state, "succeeded") == 0) {
+        buf_t b = BUF_INIT;
+
+        if (!stream_rx_complete(&sh->stream->rx)) {
+            dispatcher_stream_fail(d, sh, NULL, "server_error", "stream_incomplete",
+                                   "job %lld finished, but a piece of its stream never reached the gateway; the "
+                                   "answer above is incomplete",
+                                   (long long)id);
+            return;
+        }
+        stream_frame_done(&b);
+        dispatcher_stream_close(d, sh, &b, false, "done");
+        buf_free(&b);
+        return;
+    }
+    errors_reply_outcome(&r, id, state, result, error);
+    doc = r.body ? json_loads(r.body, JSON_DECODE_ANY, NULL) : NULL;
+    err = json_object_get(doc, "error");
+    message = json_string_value(json_object_get(err, "message"));
+    type = json_string_value(json_object_get(err, "type"));
+    code = json_string_value(json_object_get(err, "code"));
+    dispatcher_stream_fail(d, sh, NULL, type ? type : errors_type_for_status(r.status), code ? code : "job_failed",
+                           "%s", message ? message : "the job failed after its stream started");
+    json_decref(doc);
+    errors_reply_clear(&r);
+}
+
+/* The first event of a waiting stream request is framed: the request goes back to
+ * answer 200 with the event stream, and the stream's shadow waiter relays the rest.
+ * Returns the shadow, or NULL when the request was answered otherwise. */
+static call_t *dispatcher_stream_begin(dispatcher_t *d, call_t *c, const buf_t *first)
+{
+    gw_stream_t *st = c->stream;
+    call_t *sh = &st->shadow;
+
+    dispatcher_remove_waiter(d, c);
+    memset(sh, 0, sizeof *sh);
+    sh->kind = CALL_STREAM;
+    sh->stream = st;
+    sh->job_id = c->job_id;
+    sh->timeout_ms = c->timeout_ms;
+    sh->deadline_ms = c->deadline_ms;
+    sh->client_fd = c->client_fd;
+    if (first->oom || !stream_push(st, first->data, first->len) || !dispatcher_add_waiter(d, sh)) {
+        dispatcher_push_cancel(d, c->job_id, "gateway out of memory", false);
+        c->job_final = true;
+        dispatcher_answer_error(d, c, 500, "internal_error", "out of memory");
+        return NULL;
+    }
+    stream_retain(st);
+    atomic_fetch_add(&d->outstanding, 1);
+    errors_reply_clear(&c->reply);
+    c->reply.status = 200;
+    c->streaming = true;
+    dispatcher_answer(d, c);
+    return sh;
+}
+
+static const char *stream_status_text(stream_status_t rc)
+{
+    switch (rc) {
+    case STREAM_REPEAT:
+        return "a piece came twice: the job's stream started over";
+    case STREAM_TOO_FAR:
+        return "a piece is missing and too many came after it";
+    case STREAM_TOO_BIG:
+        return "one event is over the size limit";
+    case STREAM_NO_MEMORY:
+        return "out of memory";
+    default:
+        return "ok";
+    }
+}
+
+/* One piece for one stream request: c is a submit still waiting for its first
+ * event, or a relaying shadow. */
+static void dispatcher_stream_piece(dispatcher_t *d, call_t *c, uint32_t seq, bool more, const char *data,
+                                    size_t len)
+{
+    gw_stream_t *st = c->stream;
+    buf_t out = BUF_INIT;
+    stream_status_t rc;
+
+    if (c->kind == CALL_SUBMIT && st->broken)
+        return;
+    rc = stream_rx_feed(&st->rx, seq, more, data, len, &out);
+    if (rc == STREAM_REPEAT && c->kind == CALL_SUBMIT && st->rx.events == 0) {
+        /* A new attempt started over before anything was sent: so do we. */
+        stream_rx_reset(&st->rx);
+        buf_reset(&out);
+        rc = stream_rx_feed(&st->rx, seq, more, data, len, &out);
+    }
+    if (out.len > 0 || out.oom) {
+        if (c->kind == CALL_SUBMIT) {
+            c = dispatcher_stream_begin(d, c, &out);
+        } else if (!stream_push(st, out.data, out.len)) {
+            log_warn("stream_client_behind", "job=%lld behind_bytes_max=%u next=\"closing the stream, cancelling the "
+                                             "job\"",
+                     (long long)c->job_id, STREAM_MAX_OUT_BYTES);
+            dispatcher_push_cancel(d, c->job_id, "client did not read the stream", false);
+            dispatcher_stream_close(d, c, NULL, true, "error");
+            c = NULL;
+        }
+    }
+    buf_free(&out);
+    if (!c || rc == STREAM_OK)
+        return;
+    if (c->kind == CALL_SUBMIT) {
+        /* Nothing went out yet: the finished job's result will be the answer. */
+        st->broken = true;
+        log_warn("stream_pieces_unusable", "job=%lld seq=%u why=\"%s\" next=\"answering from the finished result\"",
+                 (long long)c->job_id, seq, stream_status_text(rc));
+        return;
+    }
+    dispatcher_stream_fail(d, c, "stream broken at the gateway", "server_error", "stream_broken",
+                           "the relayed stream of job %lld broke at piece %u (%s); the answer above is incomplete",
+                           (long long)c->job_id, seq, stream_status_text(rc));
+}
+
+static void dispatcher_keep_orphan(dispatcher_t *d, int64_t id, const char *payload)
+{
+    size_t len = strlen(payload);
+
+    if (d->orphan_bytes + len > ORPHAN_MAX_BYTES)
+        return;
+    if (d->norphans == d->orphans_cap) {
+        size_t cap = d->orphans_cap ? d->orphans_cap * 2 : 64;
+        orphan_t *p = realloc(d->orphans, cap * sizeof *p);
+
+        if (!p)
+            return;
+        d->orphans = p;
+        d->orphans_cap = cap;
+    }
+    d->orphans[d->norphans].payload = strdup(payload);
+    if (!d->orphans[d->norphans].payload)
+        return;
+    d->orphans[d->norphans].id = id;
+    d->norphans++;
+    d->orphan_bytes += len;
+}
+
+static void dispatcher_on_piece(dispatcher_t *d, const char *channel, const char *payload)
+{
+    char q[200];
+    int64_t id;
+    uint32_t seq;
+    bool more;
+    const char *data;
+    size_t len, n = 0;
+
+    if (!stream_parse_payload(payload, &id, &seq, &more, &data, &len)) {
+        log_warn("notification_ignored", "channel=%s payload=%s why=\"not a stream piece S<id>:<seq>:<m|e>:<data>\"",
+                 channel, log_quote(q, sizeof q, payload));
+        return;
+    }
+    /* Several requests may wait for one job (an idempotency key sent twice). The
+     * list is taken first: a piece may move a request to its shadow. */
+    for (call_t *c = waiters_find(&d->waiters, id); c; c = waiters_find_next(c)) {
+        if (!c->stream)
+            continue;
+        if (n == d->scratch_cap) {
+            size_t cap = d->scratch_cap ? d->scratch_cap * 2 : 8;
+            call_t **p = realloc(d->scratch, cap * sizeof *p);
+
+            if (!p)
+                break;
+            d->scratch = p;
+            d->scratch_cap = cap;
+        }
+        d->scratch[n++] = c;
+    }
+    if (n == 0) {
+        if (d->submits_in_flight > 0)
+            dispatcher_keep_orphan(d, id, payload);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        dispatcher_stream_piece(d, d->scratch[i], seq, more, data, len);
+}
+
+/* Pieces that came before their submit's result: their requests wait now. */
+static void dispatcher_replay_orphans(dispatcher_t *d)
+{
+    orphan_t *o = d->orphans;
+    size_t n = d->norphans;
+
+    d->orphans = NULL;
+    d->norphans = d->orphans_cap = d->orphan_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (d->submits_in_flight == 0 && waiters_find(&d->waiters, o[i].id))
+            dispatcher_on_piece(d, d->channel, o[i].payload);
+        free(o[i].payload);
+    }
+    free(o);
+}
+
+/* A stream request whose job succeeded before any of its events could be relayed:
+ * the whole result, as an event stream. */
+static void dispatcher_stream_whole(call_t *c, const char *result)
+{
+    buf_t b = BUF_INIT;
+
+    stream_frame_result(&b, result);
+    if (b.oom) {
+        buf_free(&b);
+        dispatcher_set_body(c, 500, NULL, NULL);
+        return;
+    }
+    dispatcher_set_body(c, 200, b.data, "text/event-stream; charset=utf-8");
+    metrics_stream_end("whole");
+}
+
 static void dispatcher_finish_submit(dispatcher_t *d, worker_t *w, PGresult *res, bool lost)
 {
     char q[1100];
@@ -1015,6 +1291,7 @@ static void dispatcher_finish_submit(dispatcher_t *d, worker_t *w, PGresult *res
         dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "submit_many returned no row for this request");
     }
     free(done);
+    dispatcher_replay_orphans(d);
 }
 
 static int dispatcher_find_row(const PGresult *res, int64_t id)
@@ -1076,9 +1353,19 @@ static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *re
             continue;
         for (c = waiters_find(&d->waiters, id); c; c = next) {
             next = waiters_find_next(c);
+            if (c->kind == CALL_STREAM) {
+                dispatcher_stream_outcome(d, c, id, state, row_value(res, r, 3), row_value(res, r, 4));
+                if (!counted)
+                    metrics_job_finished(parse_seconds_or(res, r, 9), parse_seconds_or(res, r, 10));
+                counted = true;
+                continue;
+            }
             dispatcher_remove_waiter(d, c);
             if (c->kind == CALL_SUBMIT) {
-                errors_reply_outcome(&c->reply, id, state, row_value(res, r, 3), row_value(res, r, 4));
+                if (c->stream && strcmp(state, "succeeded") == 0)
+                    dispatcher_stream_whole(c, row_value(res, r, 3));
+                else
+                    errors_reply_outcome(&c->reply, id, state, row_value(res, r, 3), row_value(res, r, 4));
                 c->job_final = true;
                 if (!counted)
                     metrics_job_finished(parse_seconds_or(res, r, 9), parse_seconds_or(res, r, 10));
@@ -1376,6 +1663,23 @@ static void dispatcher_lost(dispatcher_t *d, const char *why)
     d->submits_in_flight = 0;
     d->results_in_flight = d->auth_in_flight = d->stuck_in_flight = false;
     d->recent_submit.n = d->recent_results.n = 0;
+    for (size_t i = 0; i < d->norphans; i++)
+        free(d->orphans[i].payload);
+    d->norphans = d->orphan_bytes = 0;
+    /* Pieces sent while the connection is down are lost: a relaying stream cannot be
+     * finished whole, so it ends now (its job is cancelled once reconnected). */
+    {
+        call_t *c, *following;
+
+        for (c = d->waiters.all; c; c = following) {
+            following = c->all_next;
+            if (c->kind == CALL_STREAM)
+                dispatcher_stream_fail(d, c, "gateway lost its database connection", "server_error",
+                                       "database_unavailable",
+                                       "the gateway lost its database connection mid-stream; the answer above is "
+                                       "incomplete");
+        }
+    }
     dispatcher_fail_queue(d, &d->submits, "database_unavailable", MSG_DB_DOWN);
     dispatcher_fail_queue(d, &d->jobs, "database_unavailable", MSG_DB_DOWN);
     dispatcher_fail_queue(d, &d->gets, "database_unavailable", MSG_DB_DOWN);
@@ -1450,6 +1754,10 @@ static void dispatcher_on_id(void *ctx, int64_t id)
 
 static void dispatcher_on_notify(void *ctx, const char *channel, const char *payload)
 {
+    if (payload[0] == 'S') {
+        dispatcher_on_piece(ctx, channel, payload);
+        return;
+    }
     if (batch_parse_ids(payload, dispatcher_on_id, ctx) < 0)
         log_warn("notification_ignored", "channel=%s why=\"payload is not a list of job ids\"", channel);
 }
@@ -1502,6 +1810,18 @@ static int64_t dispatcher_timers(dispatcher_t *d, int64_t now)
 
     for (c = d->waiters.all; c; c = following) {
         following = c->all_next;
+        if (c->kind == CALL_STREAM && stream_is_gone(c->stream)) {
+            /* The client left while the stream was being written (the HTTP side
+             * asked for the cancel). */
+            dispatcher_stream_close(d, c, NULL, true, "client_gone");
+            continue;
+        }
+        if (c->kind == CALL_STREAM && c->deadline_ms && now >= c->deadline_ms) {
+            dispatcher_stream_fail(d, c, "deadline", "timeout_error", "deadline_exceeded",
+                                   "job %lld did not finish within %.3g s (X-Request-Timeout); it was cancelled",
+                                   (long long)c->job_id, (double)c->timeout_ms / 1000.0);
+            continue;
+        }
         if (c->kind == CALL_JOB_GET && (draining || (c->deadline_ms && now >= c->deadline_ms))) {
             dispatcher_remove_waiter(d, c);
             c->answer_now = true;
@@ -1531,6 +1851,12 @@ static int64_t dispatcher_timers(dispatcher_t *d, int64_t now)
  * handed back so libmicrohttpd can close it. */
 static void dispatcher_client_gone(dispatcher_t *d, call_t *c)
 {
+    if (c->kind == CALL_STREAM) {
+        dispatcher_push_cancel(d, c->job_id, "client went away", false);
+        log_info("client_went_away", "job=%lld stream=true next=\"cancelling the job\"", (long long)c->job_id);
+        dispatcher_stream_close(d, c, NULL, true, "client_gone");
+        return;
+    }
     dispatcher_remove_waiter(d, c);
     if (c->kind == CALL_SUBMIT) {
         dispatcher_push_cancel(d, c->job_id, "client went away", false);
@@ -1555,6 +1881,10 @@ static bool dispatcher_stopping(dispatcher_t *d, int64_t now)
     dispatcher_fail_queue(d, &d->misc, "shutting_down", MSG_SHUTTING_DOWN);
     dispatcher_fail_queue(d, &d->auth, "shutting_down", MSG_SHUTTING_DOWN);
     while ((c = d->waiters.all) != NULL) {
+        if (c->kind == CALL_STREAM) {
+            dispatcher_stream_fail(d, c, "gateway shutting down", "server_error", "shutting_down", MSG_SHUTTING_DOWN);
+            continue;
+        }
         dispatcher_remove_waiter(d, c);
         if (c->kind == CALL_SUBMIT) {
             dispatcher_push_cancel(d, c->job_id, "gateway shutting down", false);
@@ -1800,6 +2130,10 @@ void dispatcher_free(dispatcher_t *d)
     free(d->result_ids.v);
     free(d->recent_submit.v);
     free(d->recent_results.v);
+    for (size_t i = 0; i < d->norphans; i++)
+        free(d->orphans[i].payload);
+    free(d->orphans);
+    free(d->scratch);
     free(d->cancels);
     free(d->inbox_cancels);
     free(d->pfds);

@@ -21,6 +21,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "request.h"
+#include "stream.h"
 
 /* A body past the limit is read and dropped up to this much more, so the client
  * can be told 413; beyond it the connection is closed. */
@@ -112,6 +113,13 @@ static bool http_method_allowed(route_t route, const char *method)
     return false;
 }
 
+/* What keeps an event stream from being cached or held back by a reverse proxy. */
+static void http_stream_headers(struct MHD_Response *resp)
+{
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+}
+
 /* Queue r as the response (taking its body). MHD_NO only when MHD refuses. */
 static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
 {
@@ -131,6 +139,8 @@ static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
         return MHD_NO;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
                             r->content_type ? r->content_type : "application/json");
+    if (r->content_type && strncmp(r->content_type, "text/event-stream", 17) == 0)
+        http_stream_headers(resp);
     if (r->retry_after_s > 0) {
         char v[16];
 
@@ -146,6 +156,54 @@ static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
     rq->replied = true;
     rq->status = r->status;
     errors_reply_clear(r);
+    return ret;
+}
+
+/* The event stream: MHD asks for more as the socket drains. With nothing to give,
+ * the connection is suspended (no busy loop; libmicrohttpd's rule for a content
+ * reader returning 0) and the dispatcher resumes it when the next event is framed. */
+static void http_stream_suspend(void *ctx)
+{
+    MHD_suspend_connection(ctx);
+}
+
+static void http_stream_resume(void *ctx)
+{
+    MHD_resume_connection(ctx);
+}
+
+static ssize_t http_stream_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    ssize_t n = stream_take(cls, buf, max);
+
+    (void)pos;
+    if (n == STREAM_TAKE_END)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    if (n == STREAM_TAKE_ABORT)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    return n;
+}
+
+/* The dispatcher has the first event: 200 and the event stream, fed as it comes. */
+static enum MHD_Result http_send_stream(request_t *rq)
+{
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+
+    stream_attach(rq->call.stream, http_stream_suspend, http_stream_resume, rq->conn);
+    resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, http_stream_read, rq->call.stream, NULL);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream; charset=utf-8");
+    http_stream_headers(resp);
+    if (atomic_load(&rq->server->quiescing))
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    ret = MHD_queue_response(rq->conn, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    rq->replied = true;
+    rq->status = 200;
+    errors_reply_clear(&rq->call.reply);
+    metrics_stream_first_event((double)(clock_monotonic_us() - rq->start_us) / 1e6);
     return ret;
 }
 
@@ -290,6 +348,7 @@ static enum MHD_Result http_complete(request_t *rq, const char *url, const char 
     request_options_t opt;
     gw_reply_t r = {0};
     const char *endpoint = http_routes[rq->route].path;
+    bool stream = false;
     int rc;
 
     if (rq->too_large)
@@ -321,12 +380,18 @@ static enum MHD_Result http_complete(request_t *rq, const char *url, const char 
             rc = request_build_job(rq->body.data, rq->body.len, &opt, &rq->call.element, &rq->call.element_len, &r);
         else
             rc = request_build_openai(rq->body.data, rq->body.len, endpoint, &opt, &rq->call.element,
-                                      &rq->call.element_len, &r);
+                                      &rq->call.element_len, &stream, &r);
         buf_free(&rq->body);
         if (rc != 0)
             return http_send(rq, &r);
         rq->call.timeout_ms = opt.timeout_ms;
         rq->call.keyed = opt.idempotency_key != NULL;
+        if (stream) {
+            rq->call.stream = stream_new();
+            if (!rq->call.stream)
+                return http_error(rq, 500, "internal_error", "out of memory");
+            metrics_stream_request();
+        }
         return http_hand_over(rq, rq->route == ROUTE_JOBS ? CALL_JOB_CREATE : CALL_SUBMIT);
     case ROUTE_JOB:
         request_parse_job_path(url, &rq->call.job_id);
@@ -364,6 +429,8 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         /* Called again after the dispatcher resumed the connection. */
         if (rq->replied)
             return MHD_YES;
+        if (rq->call.streaming)
+            return http_send_stream(rq);
         return http_send(rq, &rq->call.reply);
     }
     if (*upload_data_size > 0) {
@@ -392,6 +459,10 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && rq->status < 400)
         status = 499;
     seconds = (double)(clock_monotonic_us() - rq->start_us) / 1e6;
+    /* A started stream that the dispatcher had not ended was left by the client:
+     * its job is cancelled below (the dispatcher drops its side on its own). */
+    if (rq->call.stream && stream_detach(rq->call.stream) && rq->call.streaming)
+        rq->call.job_final = true;
     /* A waiting request whose client vanished while its connection was active
      * again: the job must not be left running for nobody. */
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && rq->handed_over && rq->call.kind == CALL_SUBMIT &&
@@ -403,6 +474,7 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
                   seconds * 1000.0, (long long)rq->call.job_id);
     free(rq->call.element);
     free(rq->call.api_key);
+    stream_release(rq->call.stream);
     errors_reply_clear(&rq->call.reply);
     buf_free(&rq->body);
     free(rq);

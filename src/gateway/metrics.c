@@ -42,6 +42,11 @@ static size_t metrics_ndur;
 static histogram_t metrics_queue_wait;
 static histogram_t metrics_job_total;
 static uint64_t metrics_reconnects;
+static uint64_t metrics_stream_requests;
+static histogram_t metrics_stream_first;
+static const char *const metrics_stream_hows[] = {"done", "whole", "error", "client_gone"};
+#define METRICS_NHOWS (sizeof metrics_stream_hows / sizeof metrics_stream_hows[0])
+static uint64_t metrics_stream_ends[METRICS_NHOWS];
 
 static void histogram_observe(histogram_t *h, double v)
 {
@@ -105,9 +110,36 @@ void metrics_db_reconnect(void)
     pthread_mutex_unlock(&metrics_mu);
 }
 
+void metrics_stream_request(void)
+{
+    pthread_mutex_lock(&metrics_mu);
+    metrics_stream_requests++;
+    pthread_mutex_unlock(&metrics_mu);
+}
+
+void metrics_stream_first_event(double seconds)
+{
+    pthread_mutex_lock(&metrics_mu);
+    histogram_observe(&metrics_stream_first, seconds);
+    pthread_mutex_unlock(&metrics_mu);
+}
+
+void metrics_stream_end(const char *how)
+{
+    pthread_mutex_lock(&metrics_mu);
+    for (size_t i = 0; i < METRICS_NHOWS; i++) {
+        if (strcmp(metrics_stream_hows[i], how) == 0)
+            metrics_stream_ends[i]++;
+    }
+    pthread_mutex_unlock(&metrics_mu);
+}
+
 void metrics_reset(void)
 {
     pthread_mutex_lock(&metrics_mu);
+    metrics_stream_requests = 0;
+    memset(&metrics_stream_first, 0, sizeof metrics_stream_first);
+    memset(metrics_stream_ends, 0, sizeof metrics_stream_ends);
     metrics_nreq = 0;
     metrics_ndur = 0;
     memset(&metrics_queue_wait, 0, sizeof metrics_queue_wait);
@@ -259,6 +291,20 @@ void metrics_render(buf_t *out, const metrics_sample_t *samples, size_t n, const
                     "# TYPE pgdispatch_gateway_db_reconnects_total counter\n"
                     "pgdispatch_gateway_db_reconnects_total %llu\n",
                (unsigned long long)metrics_reconnects);
+    buf_printf(out, "# HELP pgdispatch_gateway_stream_requests_total Requests with \"stream\": true taken.\n"
+                    "# TYPE pgdispatch_gateway_stream_requests_total counter\n"
+                    "pgdispatch_gateway_stream_requests_total %llu\n",
+               (unsigned long long)metrics_stream_requests);
+    buf_append_str(out, "# HELP pgdispatch_gateway_stream_first_event_seconds Time from request to the first "
+                        "event sent (headers go out with it).\n"
+                        "# TYPE pgdispatch_gateway_stream_first_event_seconds histogram\n");
+    metrics_histogram(out, "pgdispatch_gateway_stream_first_event_seconds", NULL, NULL, &metrics_stream_first);
+    buf_append_str(out, "# HELP pgdispatch_gateway_streams_ended_total Event streams ended, by how: done, whole "
+                        "(from the finished result), error (error event), client_gone.\n"
+                        "# TYPE pgdispatch_gateway_streams_ended_total counter\n");
+    for (size_t i = 0; i < METRICS_NHOWS; i++)
+        buf_printf(out, "pgdispatch_gateway_streams_ended_total{how=\"%s\"} %llu\n", metrics_stream_hows[i],
+                   (unsigned long long)metrics_stream_ends[i]);
     pthread_mutex_unlock(&metrics_mu);
 
     buf_printf(out, "# HELP pgdispatch_gateway_waiting_requests Requests waiting for their job.\n"

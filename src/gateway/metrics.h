@@ -29,6 +29,13 @@ void metrics_request_done(const char *endpoint, int status, double seconds);
  * (negative: unknown, not recorded). */
 void metrics_job_finished(double queue_wait_s, double total_s);
 void metrics_db_reconnect(void);
+/* A request with "stream": true was taken (handed to the dispatcher). */
+void metrics_stream_request(void);
+/* A stream's headers and first event went out, seconds after the request came. */
+void metrics_stream_first_event(double seconds);
+/* A stream ended: "done" ([DONE] after the relayed events), "whole" (answered from the
+ * finished result: nothing could be relayed), "error" (an error event), "client_gone". */
+void metrics_stream_end(const char *how);
 
 /* Prometheus text exposition (version 0.0.4) of everything, appended to out.
  * samples must be sorted by name (rows of one name together).

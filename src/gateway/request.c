@@ -204,23 +204,39 @@ static int request_element(const char *model, const char *endpoint, const char *
     return 0;
 }
 
+bool request_endpoint_streams(const char *endpoint)
+{
+    size_t n = endpoint ? strlen(endpoint) : 0;
+
+    return n >= 12 && strcmp(endpoint + n - 12, "/completions") == 0;
+}
+
 int request_build_openai(const char *body, size_t len, const char *endpoint,
                          const request_options_t *opt, char **element, size_t *element_len,
-                         gw_reply_t *r)
+                         bool *stream, gw_reply_t *r)
 {
     json_t *root = request_parse_object(body, len, r);
     const char *model;
+    json_t *st;
     int rc = -1;
 
+    *stream = false;
     if (!root)
         return -1;
     model = request_model(root, "", r);
     if (!model)
         goto out;
-    if (json_is_true(json_object_get(root, "stream"))) {
-        errors_reply(r, 400, "stream_unsupported",
-                     "\"stream\": true is not supported by this gateway yet; send the request without it");
+    st = json_object_get(root, "stream");
+    if (st && !json_is_boolean(st) && !json_is_null(st)) {
+        errors_reply(r, 400, "invalid_request", "\"stream\" must be true or false");
         goto out;
+    }
+    if (json_is_true(st)) {
+        if (!request_endpoint_streams(endpoint)) {
+            errors_reply(r, 400, "stream_unsupported", "\"stream\": true is not supported on %s", endpoint);
+            goto out;
+        }
+        *stream = true;
     }
     rc = request_element(model, endpoint, body, len, opt, true, element, element_len, r);
 out:

@@ -35,12 +35,18 @@ int request_parse_options(const char *timeout, const char *priority, const char 
 
 /* An OpenAI request body (chat/completions/embeddings) to a submit_many element:
  * {"model", "endpoint", "payload": <the body as sent>, "timeout_ms", ...}. The body
- * must be a JSON object with a "model" string of 1..256 characters and no
- * "stream": true. Returns 0 with *element (malloc'd, NUL-terminated) and its length,
- * or -1 with r filled (400). */
+ * must be a JSON object with a "model" string of 1..256 characters; "stream", when
+ * present, must be a boolean (or null), and true only on an endpoint that streams
+ * (request_endpoint_streams). Returns 0 with *element (malloc'd, NUL-terminated),
+ * its length and *stream (the client asked for an event stream), or -1 with r
+ * filled (400). */
 int request_build_openai(const char *body, size_t len, const char *endpoint,
                          const request_options_t *opt, char **element, size_t *element_len,
-                         gw_reply_t *r);
+                         bool *stream, gw_reply_t *r);
+
+/* Endpoints that answer "stream": true with Server-Sent Events: chat and text
+ * completions (paths ending in /completions). */
+bool request_endpoint_streams(const char *endpoint);
 
 /* A POST /v1/jobs body to a submit_many element: either {"model", "endpoint",
  * "payload": {...}} (model defaults to payload.model, endpoint to

@@ -335,6 +335,25 @@ def test_kill9_mid_job_then_another_daemon_finishes_it_exactly_once(db, procs):
         assert markers[j["marker"]] == (2 if j["id"] in held else 1), (j, markers.get(j["marker"]))
 
 
+def test_restarted_daemon_takes_back_its_dead_incarnations_leases_at_once(db, procs):
+    """A daemon that comes back under the same identity registers with the attempts it
+    holds (none): the leases of its dead incarnation are taken back immediately,
+    not when they expire (lease_seconds is 300 here)."""
+    db.sql("SELECT dispatch.set_setting('lease_seconds', 300)")
+    fake = Fake(procs, latency_ms=30000)
+    dsn = db.enroll("phoenix")
+    first = daemon(procs, dsn, fake, "--models", "demo", "--max-concurrency", "2", name="phoenix1")
+    wait_live(db, "phoenix")
+    ids = submit(db, 2)
+    wait_for(lambda: leased_count(db, ids) == 2, 5, what="the first incarnation holds both jobs")
+    first.kill9()
+    fake.config(latency_ms=0)
+    daemon(procs, dsn, fake, "--models", "demo", "--max-concurrency", "2", name="phoenix2")
+    wait_for(lambda: all_in(db, ids), 15, what="both jobs finished long before their leases would expire")
+    for j in jobs(db, ids):
+        assert j["attempt"] == 2, j
+
+
 def test_postgres_restart_under_load_loses_and_doubles_nothing(pg, db, procs):
     db.sql("SELECT dispatch.set_setting('lease_seconds', 3)")
     db.sql("SELECT dispatch.set_setting('queue_depth_per_slot', 1000)")

@@ -12,13 +12,13 @@
 
 static provider_response_t http(long status, const char *body)
 {
-    provider_response_t r = { CURLE_OK, status, body, strlen(body), "", false, 1 << 20 };
+    provider_response_t r = { CURLE_OK, status, body, strlen(body), "", false, 1 << 20, NULL };
     return r;
 }
 
 static provider_response_t transport(CURLcode code, const char *msg)
 {
-    provider_response_t r = { code, 0, "", 0, msg, false, 1 << 20 };
+    provider_response_t r = { code, 0, "", 0, msg, false, 1 << 20, NULL };
     return r;
 }
 

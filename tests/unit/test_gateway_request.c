@@ -112,7 +112,10 @@ static void test_openai_element_embeds_the_body(void **state)
     o.has_priority = true;
     o.priority = 5;
     o.idempotency_key = "key \"quoted\"";
-    assert_int_equal(request_build_openai(body, strlen(body), "/v1/completions", &o, &element, &len, &r), 0);
+    bool stream = true;
+
+    assert_int_equal(request_build_openai(body, strlen(body), "/v1/completions", &o, &element, &len, &stream, &r), 0);
+    assert_false(stream);
     assert_int_equal(len, strlen(element));
     /* The payload is the body's bytes, not a re-serialization. */
     assert_non_null(strstr(element, body));
@@ -147,8 +150,10 @@ static void test_openai_refusals(void **state)
         {"{\"model\": null}", "invalid_model"},
         {"{\"model\": [\"m\"]}", "invalid_model"},
         {"{\"model\": \"\"}", "invalid_model"},
-        {"{\"model\": \"m\", \"stream\": true}", "stream_unsupported"},
+        {"{\"model\": \"m\", \"stream\": \"yes\"}", "invalid_request"},
+        {"{\"model\": \"m\", \"stream\": 1}", "invalid_request"},
     };
+    bool stream;
     request_options_t o = default_options();
 
     (void)state;
@@ -158,7 +163,7 @@ static void test_openai_refusals(void **state)
         size_t len = 0;
 
         assert_int_equal(request_build_openai(cases[i].body, strlen(cases[i].body), REQUEST_DEFAULT_ENDPOINT, &o,
-                                              &element, &len, &r),
+                                              &element, &len, &stream, &r),
                          -1);
         assert_null(element);
         assert_refused(&r, 400, cases[i].code);
@@ -173,12 +178,12 @@ static void test_openai_refusals(void **state)
         size_t len;
 
         snprintf(body, sizeof body, "{\"model\": \"%0257d\"}", 0);
-        assert_int_equal(request_build_openai(body, strlen(body), "/v1/x", &o, &element, &len, &r), -1);
+        assert_int_equal(request_build_openai(body, strlen(body), "/v1/x", &o, &element, &len, &stream, &r), -1);
         assert_refused(&r, 400, "invalid_model");
         memset(deep, '[', depth);
         memset(deep + depth, ']', depth);
         deep[2 * depth] = '\0';
-        assert_int_equal(request_build_openai(deep, 2 * depth, "/v1/x", &o, &element, &len, &r), -1);
+        assert_int_equal(request_build_openai(deep, 2 * depth, "/v1/x", &o, &element, &len, &stream, &r), -1);
         assert_refused(&r, 400, "invalid_json");
         free(deep);
     }
@@ -189,8 +194,31 @@ static void test_openai_refusals(void **state)
         char *element = NULL;
         size_t len;
 
-        assert_int_equal(request_build_openai(ok, strlen(ok), "/v1/x", &o, &element, &len, &r), 0);
+        assert_int_equal(request_build_openai(ok, strlen(ok), "/v1/x", &o, &element, &len, &stream, &r), 0);
+        assert_false(stream);
         free(element);
+    }
+    {
+        /* "stream": true on chat and text completions; refused where nothing streams. */
+        static const char on[] = "{\"model\": \"m\", \"stream\": true, \"messages\": []}";
+        gw_reply_t r = {0};
+        char *element = NULL;
+        size_t len;
+
+        assert_int_equal(request_build_openai(on, strlen(on), "/v1/chat/completions", &o, &element, &len, &stream, &r),
+                         0);
+        assert_true(stream);
+        assert_non_null(strstr(element, on));   /* the payload is still the body as sent */
+        free(element);
+        element = NULL;
+        stream = false;
+        assert_int_equal(request_build_openai(on, strlen(on), "/v1/completions", &o, &element, &len, &stream, &r), 0);
+        assert_true(stream);
+        free(element);
+        element = NULL;
+        assert_int_equal(request_build_openai(on, strlen(on), "/v1/embeddings", &o, &element, &len, &stream, &r), -1);
+        assert_null(element);
+        assert_refused(&r, 400, "stream_unsupported");
     }
 }
 
