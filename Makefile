@@ -18,6 +18,9 @@ DEB_PACKAGES := build-essential pkg-config libpq-dev libcurl4-openssl-dev libmic
 	libtap-parser-sourcehandler-pgtap-perl python3-pytest python3-psycopg curl procps \
 	$(if $(shell command -v npm),,nodejs npm)
 
+# libFuzzer (make fuzz, make test-fuzz): clang and its runtime (only recommended by clang-14).
+DEB_PACKAGES += clang libclang-rt-14-dev
+
 COMMON_SRC  := $(wildcard src/common/*.c)
 GATEWAY_SRC := $(wildcard src/gateway/*.c)
 DAEMON_SRC  := $(wildcard daemon/*.c)
@@ -84,6 +87,7 @@ $(BUILD)/san/unit/%: tests/unit/%.c $(LIB_SRC) $(HEADERS)
 
 test: deps build ## run every suite: C unit (ASan+UBSan), pgTAP, integration
 	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory test-sql
 	$(MAKE) --no-print-directory test-integration
 
@@ -122,3 +126,48 @@ bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B8 into ben
 test-compose: ## run docker-compose.yml for real (podman-compose, as root) and check the running system
 	bash docker/test-compose.sh
 
+# libFuzzer targets (tests/fuzz/): the gateway's request parsing, the daemon's provider
+# response classification and its SSE relay, built with clang under ASan+UBSan from the
+# module sources (no main.c). `make test` runs each for FUZZ_TEST_SECONDS; `make fuzz`
+# for FUZZ_SECONDS. New inputs go to build/fuzz/corpus/<target> (seeds stay in
+# tests/fuzz/corpus/<target>); a crash leaves build/fuzz/crash-* and fails the run.
+.PHONY: fuzz test-fuzz
+FUZZ_CC           ?= clang
+FUZZ_SECONDS      ?= 300
+FUZZ_TEST_SECONDS ?= 20
+FUZZ_TARGETS      := fuzz_gateway_request fuzz_daemon_classify fuzz_daemon_relay
+FUZZ_BINS         := $(addprefix $(BUILD)/fuzz/,$(FUZZ_TARGETS))
+FUZZ_FLAGS        := -std=c11 -D_GNU_SOURCE $(filter-out -Werror,$(WARN)) -g -O1 -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Isrc/common -Isrc/gateway -Idaemon -I$(PG_INC)
+FUZZ_BUILD = @mkdir -p $(@D); echo "$(FUZZ_CC) -o $@ $(filter %.c,$^)"; \
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $(filter %.c,$^) -ljansson -lcurl -lm
+
+$(BUILD)/fuzz/fuzz_gateway_request: tests/fuzz/fuzz_gateway_request.c src/gateway/request.c src/gateway/errors.c \
+		src/gateway/batch.c src/common/buf.c $(HEADERS)
+	$(FUZZ_BUILD)
+$(BUILD)/fuzz/fuzz_daemon_classify: tests/fuzz/fuzz_daemon_classify.c daemon/provider.c daemon/relay.c \
+		src/common/buf.c $(HEADERS)
+	$(FUZZ_BUILD)
+$(BUILD)/fuzz/fuzz_daemon_relay: tests/fuzz/fuzz_daemon_relay.c daemon/relay.c src/common/buf.c $(HEADERS)
+	$(FUZZ_BUILD)
+
+test-fuzz: $(FUZZ_BINS) ## run each libFuzzer target for FUZZ_TEST_SECONDS (20) from its seed corpus
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p $(BUILD)/fuzz/corpus/$$t; \
+	    echo "== $$t: $(FUZZ_TEST_SECONDS) s"; \
+	    if ! ASAN_OPTIONS=detect_leaks=1 $(BUILD)/fuzz/$$t -max_total_time=$(FUZZ_TEST_SECONDS) -timeout=10 \
+	            -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix=$(BUILD)/fuzz/ \
+	            $(BUILD)/fuzz/corpus/$$t tests/fuzz/corpus/$$t >$(BUILD)/fuzz/$$t.log 2>&1; then \
+	        tail -60 $(BUILD)/fuzz/$$t.log; echo "$$t FAILED (log: $(BUILD)/fuzz/$$t.log)"; exit 1; fi; \
+	    grep -E '^stat::(number_of_executed_units|new_units_added)' $(BUILD)/fuzz/$$t.log | tr '\n' ' '; echo; \
+	done
+
+fuzz: ## run each libFuzzer target for FUZZ_SECONDS (300)
+	$(MAKE) --no-print-directory test-fuzz FUZZ_TEST_SECONDS=$(FUZZ_SECONDS)
+
+# Longer fault runs (tests/RELIABILITY.md, second table): test_faults.py with PGD_FAULTS_LONG=1 —
+# 45 s of load around a daemon kill, three PostgreSQL outages per shutdown mode, 60 s at 3x capacity —
+# against the release builds, so the peak RSS it reports (and checks stays flat) is the programs' own.
+.PHONY: test-long
+test-long: build ## longer fault and overload runs (about 6 minutes); writes the long table of tests/RELIABILITY.md
+	PGD_FAULTS_LONG=1 $(PYTHON) -m pytest -q tests/integration/test_faults.py

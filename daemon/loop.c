@@ -695,18 +695,15 @@ static void db_notice(void *arg, const PGresult *res)
              log_quote(q, sizeof q, message ? message : ""));
 }
 
-/* Starts a non-blocking connect with TCP keepalives (db_connect's settings) unless the
- * connection string sets them: the conninfo comes last, so its values win. */
+/* Starts a non-blocking connect with db_connect's keepalive settings unless the
+ * connection string sets them. */
 static void db_start_connect(daemon_t *d)
 {
-    const char *keys[] = { "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
-                           "fallback_application_name", "dbname", NULL };
-    const char *values[] = { "1", "10", "5", "3", "pgdispatch-daemon",
-                             d->cfg->database_url ? d->cfg->database_url : "", NULL };
+    char err[512];
 
-    d->conn = PQconnectStartParams(keys, values, 1);
+    d->conn = db_connect_start(d->cfg->database_url, "pgdispatch-daemon", err, sizeof err);
     if (d->conn == NULL) {
-        db_lost(d, "out of memory");
+        db_lost(d, err);
         return;
     }
     if (PQstatus(d->conn) == CONNECTION_BAD) {

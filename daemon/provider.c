@@ -507,13 +507,15 @@ static void classify_stream(const provider_response_t *r, provider_verdict_t *v)
     const provider_stream_t *s = r->stream;
     char what[260];
 
-    if (s->clean && s->result != NULL) {
+    if (s->clean && s->result != NULL && memchr(s->result, '\0', s->result_len) == NULL) {
         v->complete = true;
         v->result = s->result;
         v->result_len = s->result_len;
         return;
     }
-    if (s->clean)
+    if (s->clean && s->result != NULL)
+        snprintf(what, sizeof what, "the assembled response holds a NUL byte");
+    else if (s->clean)
         snprintf(what, sizeof what, "out of memory assembling the response");
     else if (s->error != NULL)
         snprintf(what, sizeof what, "%s", s->error);
@@ -565,6 +567,14 @@ void provider_classify(const provider_response_t *r, provider_verdict_t *v)
         if (r->body_len == 0) {
             v->code = "bad_response";
             snprintf(v->message, sizeof v->message, "provider answered HTTP %ld with an empty body", r->status);
+            return;
+        }
+        /* jansson accepts a NUL after a number, but the body is embedded as text into
+         * the exchange, where a NUL would cut the whole batch short. */
+        if (memchr(r->body, '\0', r->body_len) != NULL) {
+            v->code = "bad_response";
+            snprintf(v->message, sizeof v->message, "provider answered HTTP %ld with a NUL byte in its body",
+                     r->status);
             return;
         }
         root = json_loadb(r->body, r->body_len, 0, &jerr);

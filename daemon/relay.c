@@ -221,6 +221,9 @@ relay_ev_t relay_asm_add(relay_asm_t *a, const char *data, size_t len)
         return RELAY_EV_DONE;
     if (len == 0)
         return RELAY_EV_SKIP;
+    /* jansson accepts a NUL after a number; pieces are promised NUL-free text. */
+    if (memchr(data, '\0', len) != NULL)
+        return asm_fail(a, NULL, "malformed event: %s", "a NUL byte in the data");
     root = json_loadb(data, len, 0, &jerr);
     if (root == NULL)
         return asm_fail(a, NULL, "malformed event: not valid JSON (%s)", jerr.text);

@@ -106,6 +106,7 @@ CREATE TABLE dispatch.jobs (
     lease_expires_at timestamptz,
     reply_channel    text,
     idempotency_key  text,
+    stream_token     text,            -- echoed in stream pieces so the gateway can tell forgeries
     result           json,
     error            jsonb,
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -494,6 +495,9 @@ BEGIN
         WHEN r->'idempotency_key' IS NOT NULL AND json_typeof(r->'idempotency_key') <> 'null'
              AND (json_typeof(r->'idempotency_key') <> 'string' OR length(r->>'idempotency_key') NOT BETWEEN 1 AND 255)
             THEN 'idempotency_key must be a string of 1 to 255 characters'
+        WHEN r->'stream_token' IS NOT NULL AND json_typeof(r->'stream_token') <> 'null'
+             AND (json_typeof(r->'stream_token') <> 'string' OR (r->>'stream_token') !~ '^[A-Za-z0-9]{8,64}$')
+            THEN 'stream_token must be 8 to 64 letters and digits'
     END);
 END
 $$;
@@ -530,23 +534,24 @@ BEGIN
         FROM json_array_elements(p_requests) WITH ORDINALITY AS e(r, ord)
     ),
     good AS MATERIALIZED (
-        SELECT p.idx, p.model, p.endpoint, p.payload, p.idempotency_key,
+        SELECT p.idx, p.model, p.endpoint, p.payload, p.idempotency_key, p.r->>'stream_token' AS stream_token,
                coalesce((p.r->>'priority')::integer, 0) AS priority,
                (p.r->>'timeout_ms')::bigint AS timeout_ms,
                coalesce((p.r->>'max_attempts')::integer, v_default_attempts) AS max_attempts
         FROM parsed p WHERE p.problem IS NULL
     ),
     prior AS MATERIALIZED (
-        SELECT g.idx, j.id, j.state,
+        SELECT g.idx, j.id, j.state, g.stream_token,
                (j.model <> g.model OR j.endpoint <> g.endpoint OR j.payload::text <> g.payload::text) AS mismatch
         FROM good g JOIN dispatch.jobs j ON j.idempotency_key = g.idempotency_key
     ),
     redirected AS (
         -- A replay moves the answer of an unfinished job to this caller's channel.
-        UPDATE dispatch.jobs j SET reply_channel = p_reply_channel
+        UPDATE dispatch.jobs j SET reply_channel = p_reply_channel, stream_token = prior.stream_token
         FROM prior
         WHERE prior.id = j.id AND NOT prior.mismatch AND p_reply_channel IS NOT NULL
-          AND j.state IN ('queued', 'leased') AND j.reply_channel IS DISTINCT FROM p_reply_channel
+          AND j.state IN ('queued', 'leased')
+          AND (j.reply_channel IS DISTINCT FROM p_reply_channel OR j.stream_token IS DISTINCT FROM prior.stream_token)
         RETURNING j.id
     ),
     fresh AS MATERIALIZED (
@@ -575,10 +580,11 @@ BEGIN
     ),
     ins AS (
         INSERT INTO dispatch.jobs (id, model, endpoint, payload, priority, max_attempts, deadline,
-                                   reply_channel, idempotency_key)
+                                   reply_channel, idempotency_key, stream_token)
         OVERRIDING SYSTEM VALUE
         SELECT a.new_id, a.model, a.endpoint, a.payload, a.priority, a.max_attempts,
-               now() + make_interval(secs => a.timeout_ms / 1000.0), p_reply_channel, a.idempotency_key
+               now() + make_interval(secs => a.timeout_ms / 1000.0), p_reply_channel, a.idempotency_key,
+               a.stream_token
         FROM admitted a ORDER BY a.idx
         ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING dispatch.jobs.id
@@ -642,7 +648,9 @@ COMMENT ON FUNCTION dispatch.submit_many(json, text) IS
 'Submits a batch of jobs in one transaction. p_requests is a JSON array of objects
 {"model", "endpoint" (default /v1/chat/completions), "payload" (stored as sent),
 "priority" (higher first, default 0), "timeout_ms" (deadline), "max_attempts",
-"idempotency_key"}. Returns one row per element: its job id, or the SQLSTATE and
+"idempotency_key", "stream_token" (a secret of the caller''s, 8-64 letters and digits,
+echoed in every streamed piece of the job so forged notifications can be told apart)}.
+Returns one row per element: its job id, or the SQLSTATE and
 message that refused it (22023 malformed element, PD001 unknown model, PD002 no live
 node, PD003 queue full, PD008 idempotency key reused for a different request).
 Refusals do not disturb the other elements. A replayed idempotency key returns the

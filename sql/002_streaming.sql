@@ -5,9 +5,11 @@
 -- the assembled response.
 --
 -- Notification payload on the reply channel (ids-only payloads stay as they were):
---   S<job id>:<seq>:<m|e>:<data>
+--   S<job id>:<seq>:<m|e>:<stream token>:<data>
 -- seq counts from 0 per attempt with no gaps; 'e' ends an SSE event, 'm' means the
 -- event continues in the next piece (events longer than a payload are split);
+-- <stream token> is the secret the submitter gave (empty if none): any role may
+-- NOTIFY any channel, so a gateway accepts only pieces that carry its token;
 -- <data> is the event's data field as the provider sent it (without "data: ").
 
 CREATE FUNCTION dispatch.stream(p_chunks json)
@@ -19,6 +21,7 @@ DECLARE
     c record;
     v_live boolean;
     v_channel text;
+    v_token text;
     v_last_id bigint;
     v_last_attempt integer;
 BEGIN
@@ -43,7 +46,7 @@ BEGIN
                 id := v_last_id; attempt := v_last_attempt; ok := v_live;
                 RETURN NEXT;
             END IF;
-            SELECT true, j.reply_channel INTO v_live, v_channel
+            SELECT true, j.reply_channel, coalesce(j.stream_token, '') INTO v_live, v_channel, v_token
             FROM dispatch.jobs j
             WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'leased' AND j.leased_by = n.id;
             v_live := coalesce(v_live, false);
@@ -51,8 +54,8 @@ BEGIN
             v_last_attempt := c.attempt;
         END IF;
         IF v_live AND v_channel IS NOT NULL THEN
-            PERFORM pg_notify(v_channel, format('S%s:%s:%s:%s', c.id, c.seq,
-                                                CASE WHEN c.more THEN 'm' ELSE 'e' END, c.data));
+            PERFORM pg_notify(v_channel, format('S%s:%s:%s:%s:%s', c.id, c.seq,
+                                                CASE WHEN c.more THEN 'm' ELSE 'e' END, v_token, c.data));
         END IF;
     END LOOP;
     IF v_last_id IS NOT NULL THEN
@@ -67,7 +70,7 @@ is a JSON array of {"id", "attempt", "seq", "more", "data"} in order: seq counts
 0 per attempt without gaps; "data" is one SSE event''s data field (at most 7000 bytes;
 longer events are split into pieces with "more": true on all but the last). Each
 piece becomes a NOTIFY on the job''s reply channel with payload
-S<id>:<seq>:<m|e>:<data>. The transaction commits without waiting for a disk flush.
+S<id>:<seq>:<m|e>:<stream token>:<data>. The transaction commits without waiting for a disk flush.
 One row per (id, attempt): ok = false when that attempt no longer holds its lease
 (cancelled or taken back): stop streaming it. Example:
 SELECT * FROM dispatch.stream(''[{"id":7,"attempt":1,"seq":0,"more":false,"data":"{\"choices\":[]}"}]'');';

@@ -61,6 +61,9 @@ class Cluster:
             "tcp_keepalives_idle": "10",
             "tcp_keepalives_interval": "5",
             "tcp_keepalives_count": "3",
+            # Keepalives do not fire while unacknowledged data (a NOTIFY) is in flight;
+            # this bounds a silently vanished client's session there too.
+            "tcp_user_timeout": "25000",
             "log_min_messages": "warning",
             "log_line_prefix": "'%m [%p] %u@%d '",
         }

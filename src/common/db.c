@@ -86,27 +86,28 @@ static void db_describe_failure(PGconn *conn, const char *msg, char *err, size_t
     PQconninfoFree(opts);
 }
 
-/* Keepalives bound how long a dead peer's session lingers (see DESIGN "Liveness"). */
-static const char *const db_keepalive_keys[] = {"keepalives", "keepalives_idle",
-                                                "keepalives_interval", "keepalives_count"};
-static const char *const db_keepalive_values[] = {"1", "10", "5", "3"};
+/* Keepalives bound how long a dead peer's session lingers (see DESIGN "Liveness");
+ * tcp_user_timeout bounds it when unacknowledged data is in flight, where the kernel
+ * uses retransmission timing (minutes) instead of keepalives: 10 + 5 x 3 = 25 s. */
+static const char *const db_keepalive_keys[] = {"keepalives", "keepalives_idle", "keepalives_interval",
+                                                "keepalives_count", "tcp_user_timeout"};
+static const char *const db_keepalive_values[] = {"1", "10", "5", "3", "25000"};
 #define DB_N_KEEPALIVE (sizeof db_keepalive_keys / sizeof db_keepalive_keys[0])
+#define DB_N_PARAMS (DB_N_KEEPALIVE + 3)
 
-/* The conninfo goes last as an expanded dbname, so anything it sets overrides what
- * precedes it; the PQconninfoParse check additionally keeps our defaults out when it
- * sets them. The application name is passed as fallback_application_name: the
- * conninfo's application_name and then PGAPPNAME win over it, as in psql. The error
- * never repeats the conninfo, which may hold a password. */
-PGconn *db_connect(const char *conninfo, const char *application_name, char *err, size_t errlen)
+/* Fills keys/values (NULL-terminated, DB_N_PARAMS entries at most) for
+ * PQconnectdbParams/PQconnectStartParams with expand_dbname. The conninfo goes last
+ * as an expanded dbname, so anything it sets overrides what precedes it; the
+ * PQconninfoParse check additionally keeps our defaults out when it sets them. The
+ * application name is passed as fallback_application_name: the conninfo's
+ * application_name and then PGAPPNAME win over it, as in psql. Returns -1 with err
+ * filled when the conninfo does not parse (the message never repeats it: it may
+ * hold a password). */
+static int db_params(const char *conninfo, const char *application_name, const char **keys,
+                     const char **values, char *err, size_t errlen)
 {
-    const char *keys[DB_N_KEEPALIVE + 3];
-    const char *values[DB_N_KEEPALIVE + 3];
     bool given[DB_N_KEEPALIVE] = {false};
     size_t n = 0;
-    PGconn *conn;
-
-    if (!conninfo)
-        conninfo = "";
 
     if (db_is_conninfo(conninfo)) {
         char *perr = NULL;
@@ -118,7 +119,7 @@ PGconn *db_connect(const char *conninfo, const char *application_name, char *err
             db_copy_message(msg, sizeof msg, perr ? perr : "out of memory");
             db_error(err, errlen, "invalid connection string: %s", msg);
             PQfreemem(perr);
-            return NULL;
+            return -1;
         }
         for (PQconninfoOption *o = opts; o->keyword; o++) {
             if (!o->val || !*o->val)
@@ -145,13 +146,32 @@ PGconn *db_connect(const char *conninfo, const char *application_name, char *err
     values[n++] = conninfo;
     keys[n] = NULL;
     values[n] = NULL;
+    return 0;
+}
 
-    conn = PQconnectdbParams(keys, values, 1);
-    if (!conn) {
-        db_error(err, errlen, "cannot connect to PostgreSQL: out of memory");
+/* Both connects: blocking waits for the outcome, otherwise the caller polls. */
+static PGconn *db_open(const char *conninfo, const char *application_name, bool blocking, char *err,
+                       size_t errlen)
+{
+    const char *keys[DB_N_PARAMS];
+    const char *values[DB_N_PARAMS];
+    PGconn *conn;
+
+    if (!conninfo)
+        conninfo = "";
+    if (db_params(conninfo, application_name, keys, values, err, errlen) != 0)
         return NULL;
-    }
-    if (PQstatus(conn) != CONNECTION_OK) {
+    conn = blocking ? PQconnectdbParams(keys, values, 1) : PQconnectStartParams(keys, values, 1);
+    if (!conn)
+        db_error(err, errlen, "cannot connect to PostgreSQL: out of memory");
+    return conn;
+}
+
+PGconn *db_connect(const char *conninfo, const char *application_name, char *err, size_t errlen)
+{
+    PGconn *conn = db_open(conninfo, application_name, true, err, errlen);
+
+    if (conn && PQstatus(conn) != CONNECTION_OK) {
         char msg[1024];
 
         db_copy_message(msg, sizeof msg, PQerrorMessage(conn));
@@ -160,6 +180,11 @@ PGconn *db_connect(const char *conninfo, const char *application_name, char *err
         return NULL;
     }
     return conn;
+}
+
+PGconn *db_connect_start(const char *conninfo, const char *application_name, char *err, size_t errlen)
+{
+    return db_open(conninfo, application_name, false, err, errlen);
 }
 
 /* One round trip for all channels. A channel name longer than 63 bytes is truncated

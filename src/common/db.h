@@ -9,10 +9,16 @@
 #include <stddef.h>
 #include <libpq-fe.h>
 
-/* Connect (blocking) with TCP keepalives (idle 10 s, interval 5 s, count 3) and the
- * given application_name unless the conninfo sets them. conninfo may be a URL, a
+/* Connect (blocking) with TCP keepalives (idle 10 s, interval 5 s, count 3, and a
+ * 25 s tcp_user_timeout) and the given application_name unless the conninfo sets
+ * them. conninfo may be a URL, a
  * key=value string or empty (PG* environment). Returns NULL with err filled. */
 PGconn *db_connect(const char *conninfo, const char *application_name, char *err, size_t errlen);
+
+/* The same settings for a non-blocking connect: returns PQconnectStartParams' result
+ * (drive it with PQconnectPoll; it may already be CONNECTION_BAD), or NULL with err
+ * filled when the conninfo does not parse or memory ran out. */
+PGconn *db_connect_start(const char *conninfo, const char *application_name, char *err, size_t errlen);
 
 /* LISTEN on each channel (quoted with PQescapeIdentifier). 0 on success, -1 with err. */
 int db_listen(PGconn *conn, const char *const *channels, size_t count, char *err, size_t errlen);

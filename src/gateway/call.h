@@ -36,11 +36,13 @@ typedef struct call call_t;
 typedef void (*call_resume_fn)(call_t *call);
 
 struct call {
-    /* Inputs, set by the HTTP side before dispatcher_enqueue and not changed after. */
+    /* Inputs, set by the HTTP side before dispatcher_enqueue and not changed after
+     * (but element, see there). */
     call_kind_t kind;
     char *element;             /* submit: JSON object for submit_many; the dispatcher
-                                * frees it (and sets NULL) once submit_many answered
-                                * for it; the HTTP side frees what is left */
+                                * adds a stream request's "stream_token" to it (may
+                                * move it), frees it (and sets NULL) once submit_many
+                                * answered for it; the HTTP side frees what is left */
     size_t element_len;
     int64_t job_id;            /* get/cancel: the job; submit: set when admitted */
     int64_t wait_ms;           /* get: long-poll this long for a final state */

@@ -27,6 +27,7 @@
 #include "errors.h"
 #include "log.h"
 #include "metrics.h"
+#include "request.h"
 #include "stream.h"
 #include "waiters.h"
 
@@ -560,11 +561,37 @@ static void dispatcher_render_metrics(dispatcher_t *d, call_t *c, const metrics_
     dispatcher_set_body(c, 200, b.data ? b.data : strdup(""), "text/plain; version=0.0.4; charset=utf-8");
 }
 
+/* A stream request's token: made once, kept with its stream (which the waiter and
+ * its shadow share) and added to its submit element, so that the database echoes
+ * it in every piece of the job. False when the call was answered (500). */
+static bool dispatcher_stream_token(dispatcher_t *d, call_t *c)
+{
+    gw_stream_t *st = c->stream;
+
+    if (st->token[0] != '\0')
+        return true;
+    if (!stream_token_make(st->token)) {
+        log_error("stream_token_failed", "why=\"getrandom: %s\" next=\"answering 500\"", strerror(errno));
+        dispatcher_free_element(c);
+        dispatcher_answer_error(d, c, 500, "internal_error", "cannot make a stream token: no randomness");
+        return false;
+    }
+    if (!request_add_stream_token(&c->element, &c->element_len, st->token)) {
+        st->token[0] = '\0';
+        dispatcher_free_element(c);
+        dispatcher_answer_error(d, c, 500, "internal_error", "out of memory");
+        return false;
+    }
+    return true;
+}
+
 /* A call whose key (if any) is known good goes to the queue of its kind. */
 static void dispatcher_route(dispatcher_t *d, call_t *c)
 {
     switch (c->kind) {
     case CALL_SUBMIT:
+        if (c->stream && !dispatcher_stream_token(d, c))
+            break;
         queue_push(&d->submits, c);
         break;
     case CALL_JOB_CREATE:
@@ -1130,43 +1157,68 @@ static void dispatcher_keep_orphan(dispatcher_t *d, int64_t id, const char *payl
     d->orphan_bytes += len;
 }
 
+/* Whether token is that of a stream request in a submit still in flight: only
+ * its pieces may wait as orphans (a forger's cannot crowd them out). */
+static bool dispatcher_token_in_flight(dispatcher_t *d, const char *token, size_t len)
+{
+    for (int i = 0; i < d->nworkers; i++) {
+        const worker_t *w = &d->workers[i];
+
+        if (w->op != OP_SUBMIT || w->async_channel)
+            continue;
+        for (size_t j = 0; j < w->ncalls; j++)
+            if (w->calls[j]->stream && stream_token_equal(w->calls[j]->stream->token, token, len))
+                return true;
+    }
+    return false;
+}
+
 static void dispatcher_on_piece(dispatcher_t *d, const char *channel, const char *payload)
 {
     char q[200];
-    int64_t id;
-    uint32_t seq;
-    bool more;
-    const char *data;
-    size_t len, n = 0;
+    stream_payload_t p;
+    bool ours = false;
+    size_t n = 0;
 
-    if (!stream_parse_payload(payload, &id, &seq, &more, &data, &len)) {
-        log_warn("notification_ignored", "channel=%s payload=%s why=\"not a stream piece S<id>:<seq>:<m|e>:<data>\"",
-                 channel, log_quote(q, sizeof q, payload));
+    if (!stream_parse_payload(payload, &p)) {
+        log_warn("notification_ignored",
+                 "channel=%s payload=%s why=\"not a stream piece S<id>:<seq>:<m|e>:<token>:<data>\"", channel,
+                 log_quote(q, sizeof q, payload));
         return;
     }
     /* Several requests may wait for one job (an idempotency key sent twice). The
      * list is taken first: a piece may move a request to its shadow. */
-    for (call_t *c = waiters_find(&d->waiters, id); c; c = waiters_find_next(c)) {
+    for (call_t *c = waiters_find(&d->waiters, p.id); c; c = waiters_find_next(c)) {
         if (!c->stream)
             continue;
         if (n == d->scratch_cap) {
             size_t cap = d->scratch_cap ? d->scratch_cap * 2 : 8;
-            call_t **p = realloc(d->scratch, cap * sizeof *p);
+            call_t **grown = realloc(d->scratch, cap * sizeof *grown);
 
-            if (!p)
+            if (!grown)
                 break;
-            d->scratch = p;
+            d->scratch = grown;
             d->scratch_cap = cap;
         }
         d->scratch[n++] = c;
+        /* Any of our tokens for this job will do: each is a secret of this gateway's
+         * (a replay on the same channel leaves the job with the first request's). */
+        if (stream_token_equal(c->stream->token, p.token, p.token_len))
+            ours = true;
     }
     if (n == 0) {
-        if (d->submits_in_flight > 0)
-            dispatcher_keep_orphan(d, id, payload);
+        if (d->submits_in_flight > 0 && p.token_len > 0 && dispatcher_token_in_flight(d, p.token, p.token_len))
+            dispatcher_keep_orphan(d, p.id, payload);
+        return;
+    }
+    if (!ours) {
+        /* Any role may NOTIFY our channel: a piece without our token is not the job's. */
+        log_debug("stream_piece_dropped", "channel=%s job=%lld seq=%u why=\"%s\"", channel, (long long)p.id, p.seq,
+                  p.token_len > 0 ? "wrong stream token" : "no stream token");
         return;
     }
     for (size_t i = 0; i < n; i++)
-        dispatcher_stream_piece(d, d->scratch[i], seq, more, data, len);
+        dispatcher_stream_piece(d, d->scratch[i], p.seq, p.more, p.data, p.len);
 }
 
 /* Pieces that came before their submit's result: their requests wait now. */

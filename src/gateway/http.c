@@ -7,9 +7,11 @@
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,6 +28,11 @@
 /* A body past the limit is read and dropped up to this much more, so the client
  * can be told 413; beyond it the connection is closed. */
 #define HTTP_DISCARD_SLACK (1024u * 1024u)
+
+/* More query arguments than this and the request is refused (414) before
+ * libmicrohttpd parses them: the gateway reads one (?wait), and libmicrohttpd 0.9.75
+ * runs out of its per-connection pool at a few hundred and then may never answer. */
+#define HTTP_MAX_QUERY_ARGS 64
 
 typedef enum {
     ROUTE_NONE,
@@ -79,6 +86,8 @@ typedef struct {
     buf_t body;
     size_t discarded;
     bool too_large;
+    bool too_many_args;  /* the URI had more than HTTP_MAX_QUERY_ARGS arguments */
+    bool close;          /* framing was refused: the connection must not be reused */
     bool handed_over;    /* suspended and given to the dispatcher */
     bool replied;        /* a response is queued */
     int status;          /* what was queued */
@@ -149,7 +158,7 @@ static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
     }
     if (r->status == 405 && rq->allow)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, rq->allow);
-    if (atomic_load(&rq->server->quiescing))
+    if (rq->close || atomic_load(&rq->server->quiescing))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     ret = MHD_queue_response(rq->conn, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
@@ -266,13 +275,206 @@ static const char *http_header(request_t *rq, const char *name)
     return MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND, name);
 }
 
-/* First call: route, method, shutdown, key presence, content type and declared
- * length. Anything refused here is answered before the body is read. */
-static enum MHD_Result http_begin(request_t *rq, const char *url, const char *method)
+/* What the framing checks learn from the request head. */
+#define HTTP_HEAD_READ_MAX 16
+
+typedef struct {
+    const char *start, *end;   /* the head in libmicrohttpd's read buffer; NULL: unknown */
+    struct {
+        const char *from, *to; /* after the value, up to the next thing libmicrohttpd parsed */
+    } read[HTTP_HEAD_READ_MAX];
+    size_t n_read;             /* entries of the headers the gateway reads */
+    bool too_many;             /* more of those than read[] holds */
+    unsigned hosts, lengths;
+    unsigned te_fields;        /* Transfer-Encoding fields */
+    unsigned codings, chunked; /* the codings they list, chunked among them */
+    bool chunked_last, te_malformed;
+} http_head_t;
+
+/* The headers whose values the gateway reads or relies on. */
+static bool http_header_read(const char *key)
+{
+    static const char *const names[] = {
+        MHD_HTTP_HEADER_HOST, MHD_HTTP_HEADER_CONTENT_LENGTH, MHD_HTTP_HEADER_TRANSFER_ENCODING,
+        MHD_HTTP_HEADER_CONTENT_TYPE, MHD_HTTP_HEADER_AUTHORIZATION, "X-Request-Timeout", "X-Priority",
+        "Idempotency-Key",
+    };
+
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcasecmp(key, names[i]) == 0)
+            return true;
+    return false;
+}
+
+static bool http_in_head(const http_head_t *hd, const char *p)
+{
+    return hd->start && (uintptr_t)p >= (uintptr_t)hd->start && (uintptr_t)p <= (uintptr_t)hd->end;
+}
+
+static bool http_tchar(char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* One Transfer-Encoding field: a list of codings (RFC 9112 6.1), empty elements
+ * ignored, parameters allowed on codings other than chunked. */
+static void http_transfer_codings(http_head_t *hd, const char *v, size_t len)
+{
+    size_t i = 0;
+
+    while (i <= len) {
+        size_t start, end, tok;
+
+        while (i < len && (v[i] == ' ' || v[i] == '\t'))
+            i++;
+        start = i;
+        while (i < len && v[i] != ',')
+            i++;
+        end = i++;               /* past the comma */
+        while (end > start && (v[end - 1] == ' ' || v[end - 1] == '\t'))
+            end--;
+        if (end == start)
+            continue;
+        for (tok = start; tok < end && http_tchar(v[tok]); tok++)
+            ;
+        if (tok == start || (tok < end && v[tok] != ';' && v[tok] != ' ' && v[tok] != '\t'))
+            hd->te_malformed = true;
+        hd->codings++;
+        hd->chunked_last = tok - start == 7 && strncasecmp(v + start, "chunked", 7) == 0;
+        if (hd->chunked_last) {
+            hd->chunked++;
+            if (tok != end)
+                hd->te_malformed = true;   /* chunked takes no parameters */
+        }
+    }
+}
+
+static enum MHD_Result http_head_entry(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_len,
+                                       const char *value, size_t value_len)
+{
+    http_head_t *hd = cls;
+
+    (void)kind;
+    (void)key_len;
+    if (strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0)
+        hd->hosts++;
+    else if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0)
+        hd->lengths++;
+    else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        hd->te_fields++;
+        http_transfer_codings(hd, value, value_len);
+    }
+    if (!http_header_read(key))
+        return MHD_YES;
+    if (hd->n_read == HTTP_HEAD_READ_MAX) {
+        hd->too_many = true;
+        return MHD_YES;
+    }
+    hd->read[hd->n_read].from = value + value_len;
+    hd->read[hd->n_read].to = hd->end;
+    hd->n_read++;
+    return MHD_YES;
+}
+
+/* Second pass: each read value's gap ends at the nearest name or value after it. */
+static enum MHD_Result http_head_bound(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_len,
+                                       const char *value, size_t value_len)
+{
+    http_head_t *hd = cls;
+    const char *p[2] = {key, value};
+
+    (void)kind;
+    (void)key_len;
+    (void)value_len;
+    for (size_t i = 0; i < hd->n_read; i++)
+        for (int k = 0; k < 2; k++)
+            if (http_in_head(hd, p[k]) && (uintptr_t)p[k] > (uintptr_t)hd->read[i].from &&
+                (uintptr_t)p[k] < (uintptr_t)hd->read[i].to)
+                hd->read[i].to = p[k];
+    return MHD_YES;
+}
+
+/* A NUL inside a header value the gateway reads (RFC 9110 5.5: reject).
+ * libmicrohttpd 0.9.75 measures values with strlen, so "X-Priority: 1\0 2" arrives
+ * as "1" with length 1 and MHD_lookup_connection_value_n cannot tell. The head is
+ * still in its read buffer (method points at its start, REQUEST_HEADER_SIZE gives
+ * its length), with each line's CR LF and colon overwritten by NULs: from a value's
+ * end to the next header name there are only NULs (and the blanks before a value).
+ * Any other byte there is the rest of a value cut at a NUL, or an obs-fold, which
+ * RFC 9112 5.2 allows refusing too. Only bytes proven to lie inside the head are
+ * read; with another layout (another libmicrohttpd) nothing is concluded. */
+static bool http_head_has_nul(struct MHD_Connection *conn, http_head_t *hd)
+{
+    MHD_get_connection_values_n(conn, MHD_HEADER_KIND, http_head_bound, hd);
+    for (size_t i = 0; i < hd->n_read; i++) {
+        if (!http_in_head(hd, hd->read[i].from))
+            continue;
+        for (const char *c = hd->read[i].from; c < hd->read[i].to; c++)
+            if (*c != '\0' && *c != ' ' && *c != '\t')
+                return true;
+    }
+    return false;
+}
+
+/* Framing and head checks (RFC 9110, 9112), before anything else: 0 when fine,
+ * else the status to refuse with and *why. */
+static int http_check_head(request_t *rq, const char *method, const char *version, const char **why)
+{
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(rq->conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+    http_head_t hd = {0};
+
+    if (info && method) {
+        hd.start = method;
+        hd.end = method + info->header_size;
+    }
+    MHD_get_connection_values_n(rq->conn, MHD_HEADER_KIND, http_head_entry, &hd);
+    *why = NULL;
+    if (hd.too_many)
+        *why = "too many Host, Content-Length, Transfer-Encoding or option headers";
+    else if (hd.hosts == 0 && strcmp(version, MHD_HTTP_VERSION_1_0) != 0)
+        *why = "an HTTP/1.1 request must have a Host header";
+    else if (hd.hosts > 1)
+        *why = "more than one Host header";
+    else if (hd.lengths > 1)
+        *why = "more than one Content-Length header";
+    else if (hd.te_malformed || hd.chunked > 1)
+        *why = "Transfer-Encoding is malformed, or names chunked more than once";
+    else if (hd.te_fields > 0 && !hd.chunked_last)
+        /* RFC 9112 6.3: the length cannot be known; 400 and close. */
+        *why = "Transfer-Encoding must end with chunked";
+    else if (hd.codings > hd.chunked) {
+        /* RFC 9112 6.1: a coding the server does not implement. */
+        *why = "only the chunked transfer coding is supported";
+        return 501;
+    } else if (hd.te_fields > 0 &&
+               (hd.te_fields > 1 || strcasecmp(MHD_lookup_connection_value(rq->conn, MHD_HEADER_KIND,
+                                                                           MHD_HTTP_HEADER_TRANSFER_ENCODING),
+                                               "chunked") != 0))
+        /* libmicrohttpd reads the body as chunked only for exactly this value. */
+        *why = "Transfer-Encoding must be just \"chunked\"";
+    if (!*why && http_head_has_nul(rq->conn, &hd))
+        *why = "a header value contains a NUL byte";
+    return *why ? 400 : 0;
+}
+
+/* First call: framing, route, method, shutdown, key presence, content type and
+ * declared length. Anything refused here is answered before the body is read. */
+static enum MHD_Result http_begin(request_t *rq, const char *url, const char *method, const char *version)
 {
     http_server_t *s = rq->server;
-    const char *v;
+    const char *v, *why;
+    int status;
 
+    if (rq->too_many_args)
+        return http_error(rq, 414, "uri_too_long", "the URL has more than %d query arguments",
+                          HTTP_MAX_QUERY_ARGS);
+    status = http_check_head(rq, method, version, &why);
+    if (status != 0) {
+        rq->close = true;
+        return http_error(rq, status, status == 501 ? "not_implemented" : "malformed_request", "%s", why);
+    }
     rq->route = http_route(url);
     if (rq->route == ROUTE_NONE)
         return http_error(rq, 404, "unknown_path", "no such endpoint: %s %s", method, url);
@@ -406,6 +608,36 @@ static enum MHD_Result http_complete(request_t *rq, const char *url, const char 
     }
 }
 
+/* The context of a request whose URI has too many query arguments, until the
+ * handler replaces it with a request_t. */
+static request_t http_too_many_args;
+
+/* libmicrohttpd calls this with the raw URI, before it splits off and parses the
+ * query arguments, and makes the return value the request's first context. Past
+ * HTTP_MAX_QUERY_ARGS the request is marked (the handler answers 414) and the
+ * query is cut to nothing so libmicrohttpd does not parse it: in 0.9.75 a few
+ * hundred arguments exhaust the connection's memory pool, and the 431 it then
+ * decides on may never be sent. The URI is libmicrohttpd's own buffer (const only
+ * in the callback's type); 0.9.75 finds the '?' before this call and parses from
+ * the byte after it, which is made the terminating NUL. */
+static void *http_uri_log(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    char *q = strchr(uri, '?');
+    size_t args = 0;
+
+    (void)cls;
+    (void)conn;
+    if (!q || !q[1])
+        return NULL;
+    for (const char *p = q + 1; *p; p++)
+        if (*p == '&' && p[1])
+            args++;
+    if (args + 1 <= HTTP_MAX_QUERY_ARGS)
+        return NULL;
+    q[1] = '\0';
+    return &http_too_many_args;
+}
+
 static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                    const char *version, const char *upload_data, size_t *upload_data_size,
                                    void **con_cls)
@@ -413,8 +645,7 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
     http_server_t *s = cls;
     request_t *rq = *con_cls;
 
-    (void)version;
-    if (!rq) {
+    if (!rq || rq == &http_too_many_args) {
         rq = calloc(1, sizeof *rq);
         if (!rq)
             return MHD_NO;
@@ -422,8 +653,9 @@ static enum MHD_Result http_access(void *cls, struct MHD_Connection *conn, const
         rq->conn = conn;
         rq->start_us = clock_monotonic_us();
         rq->call.client_fd = -1;
+        rq->too_many_args = *con_cls == &http_too_many_args;
         *con_cls = rq;
-        return http_begin(rq, url, method);
+        return http_begin(rq, url, method, version);
     }
     if (rq->handed_over) {
         /* Called again after the dispatcher resumed the connection. */
@@ -453,8 +685,10 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
 
     (void)cls;
     (void)conn;
-    if (!rq)
+    if (!rq || rq == &http_too_many_args) {
+        *con_cls = NULL;
         return;
+    }
     status = rq->status ? rq->status : 499;
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && rq->status < 400)
         status = 499;
@@ -565,6 +799,7 @@ http_server_t *http_server_start(const http_options_t *opt, char *err, size_t er
     /* The logger goes first, or MHD logs the options before it to stderr itself. */
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)http_mhd_log, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)http_completed, s};
+    ops[n++] = (struct MHD_OptionItem){MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)http_uri_log, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, &s->addr};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)opt->max_connections, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, 120, NULL};

@@ -109,20 +109,16 @@ int request_parse_options(const char *timeout, const char *priority, const char 
 
 bool request_endpoint_ok(const char *endpoint)
 {
-    size_t n;
+    /* The inference surface only: a job must not reach a model server's admin paths
+     * (Ollama's /api/pull, llama.cpp's /slots, ...). */
+    static const char *const allowed[] = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"};
 
-    if (!endpoint || endpoint[0] != '/')
+    if (!endpoint)
         return false;
-    n = strlen(endpoint + 1);
-    if (n > 255)
-        return false;
-    for (size_t i = 1; endpoint[i]; i++) {
-        char c = endpoint[i];
-
-        if (!(isalnum((unsigned char)c) || c == '/' || c == '_' || c == '.' || c == '-'))
-            return false;
-    }
-    return true;
+    for (size_t i = 0; i < sizeof allowed / sizeof allowed[0]; i++)
+        if (strcmp(endpoint, allowed[i]) == 0)
+            return true;
+    return false;
 }
 
 /* Parses the body; NULL with r filled when it is not a JSON object. */
@@ -133,6 +129,13 @@ static json_t *request_parse_object(const char *body, size_t len, gw_reply_t *r)
 
     if (!body || len == 0) {
         errors_reply(r, 400, "invalid_json", "request body is empty; expected a JSON object");
+        return NULL;
+    }
+    /* jansson 2.14 skips a NUL byte that follows a number ("{\"n\":1\0}" parses), but
+     * the body is embedded as sent and goes to PostgreSQL as a C string: refuse it
+     * here, or the whole batched submit fails. No valid JSON text holds a raw NUL. */
+    if (memchr(body, '\0', len) != NULL) {
+        errors_reply(r, 400, "invalid_json", "request body is not valid JSON: it contains a NUL byte");
         return NULL;
     }
     /* Big integers are fine (they are passed on as sent); duplicate keys are too. */
@@ -204,11 +207,58 @@ static int request_element(const char *model, const char *endpoint, const char *
     return 0;
 }
 
+bool request_add_stream_token(char **element, size_t *element_len, const char *token)
+{
+    static const char key[] = ",\"stream_token\":\"";
+    size_t tlen = token ? strlen(token) : 0, len = *element_len, add;
+    char *e = *element, *grown;
+
+    if (tlen < 1 || tlen > 64 || !e || len < 2 || e[len - 1] != '}')
+        return false;
+    for (size_t i = 0; i < tlen; i++)
+        if (!isalnum((unsigned char)token[i]) || (unsigned char)token[i] > 127)
+            return false;
+    /* "{}" takes no leading comma. */
+    add = (len == 2 ? sizeof key - 2 : sizeof key - 1) + tlen + 2;
+    grown = realloc(e, len + add + 1);
+    if (!grown)
+        return false;
+    if (len == 2)
+        memcpy(grown + 1, key + 1, sizeof key - 2);
+    else
+        memcpy(grown + len - 1, key, sizeof key - 1);
+    len += (len == 2 ? sizeof key - 2 : sizeof key - 1) - 1;
+    memcpy(grown + len, token, tlen);
+    len += tlen;
+    memcpy(grown + len, "\"}", 3);
+    len += 2;
+    *element = grown;
+    *element_len = len;
+    return true;
+}
+
 bool request_endpoint_streams(const char *endpoint)
 {
     size_t n = endpoint ? strlen(endpoint) : 0;
 
     return n >= 12 && strcmp(endpoint + n - 12, "/completions") == 0;
+}
+
+/* "max_tokens" on the completion routes: absent, null, or a whole number from 1 to
+ * INT32_MAX (numbers are decoded as reals here). Anything else is the client's
+ * mistake, refused before it becomes a job; 0 otherwise, -1 with r filled. */
+static int request_check_max_tokens(json_t *root, const char *endpoint, gw_reply_t *r)
+{
+    json_t *mt = json_object_get(root, "max_tokens");
+    double v;
+
+    if (!mt || json_is_null(mt) || !request_endpoint_streams(endpoint))
+        return 0;
+    v = json_is_number(mt) ? json_number_value(mt) : 0.0;
+    if (v >= 1.0 && v <= 2147483647.0 && v == floor(v))
+        return 0;
+    errors_reply(r, 400, "invalid_request", "\"max_tokens\" must be an integer from 1 to 2147483647");
+    return -1;
 }
 
 int request_build_openai(const char *body, size_t len, const char *endpoint,
@@ -238,6 +288,8 @@ int request_build_openai(const char *body, size_t len, const char *endpoint,
         }
         *stream = true;
     }
+    if (request_check_max_tokens(root, endpoint, r) != 0)
+        goto out;
     rc = request_element(model, endpoint, body, len, opt, true, element, element_len, r);
 out:
     json_decref(root);
@@ -272,7 +324,7 @@ int request_build_job(const char *body, size_t len, const request_options_t *opt
     if (ep && !json_is_null(ep)) {
         if (!json_is_string(ep) || !request_endpoint_ok(json_string_value(ep))) {
             errors_reply(r, 400, "invalid_endpoint",
-                         "\"endpoint\" must be a path such as /v1/chat/completions");
+                         "\"endpoint\" must be /v1/chat/completions, /v1/completions or /v1/embeddings");
             goto out;
         }
         endpoint = json_string_value(ep);

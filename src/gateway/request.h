@@ -44,6 +44,11 @@ int request_build_openai(const char *body, size_t len, const char *endpoint,
                          const request_options_t *opt, char **element, size_t *element_len,
                          bool *stream, gw_reply_t *r);
 
+/* Add "stream_token": token (1..64 letters and digits) to a submit element built
+ * above (a JSON object), in place. False, the element unchanged, when the token or
+ * the element is not as said or memory ran out. */
+bool request_add_stream_token(char **element, size_t *element_len, const char *token);
+
 /* Endpoints that answer "stream": true with Server-Sent Events: chat and text
  * completions (paths ending in /completions). */
 bool request_endpoint_streams(const char *endpoint);
@@ -54,7 +59,8 @@ bool request_endpoint_streams(const char *endpoint);
 int request_build_job(const char *body, size_t len, const request_options_t *opt, char **element,
                       size_t *element_len, gw_reply_t *r);
 
-/* True for a path such as /v1/chat/completions: '/' then up to 255 of A-Z a-z 0-9 / _ . - */
+/* True for the inference endpoints a job may target: /v1/chat/completions,
+ * /v1/completions, /v1/embeddings. */
 bool request_endpoint_ok(const char *endpoint);
 
 /* "/v1/jobs/<id>" with a positive decimal id that fits in int64. */

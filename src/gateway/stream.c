@@ -1,10 +1,13 @@
-/* stream: reordering, event joining and SSE framing of relayed pieces, and the
- * buffer between the dispatcher (writer) and libmicrohttpd's content reader. */
+/* stream: piece payloads and their tokens, reordering, event joining and SSE
+ * framing of relayed pieces, and the buffer between the dispatcher (writer) and
+ * libmicrohttpd's content reader. */
 #include "stream.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "errors.h"
 
@@ -28,11 +31,11 @@ static bool parse_uint(const char **pp, char stop, uint64_t max, uint64_t *out)
     return true;
 }
 
-bool stream_parse_payload(const char *payload, int64_t *id, uint32_t *seq, bool *more, const char **data,
-                          size_t *len)
+bool stream_parse_payload(const char *payload, stream_payload_t *out)
 {
-    const char *p = payload;
+    const char *p = payload, *token;
     uint64_t v_id, v_seq;
+    bool more;
 
     if (!p || *p++ != 'S')
         return false;
@@ -42,13 +45,64 @@ bool stream_parse_payload(const char *payload, int64_t *id, uint32_t *seq, bool 
         return false;
     if ((*p != 'm' && *p != 'e') || p[1] != ':')
         return false;
-    *more = *p == 'm';
+    more = *p == 'm';
     p += 2;
-    *id = (int64_t)v_id;
-    *seq = (uint32_t)v_seq;
-    *data = p;
-    *len = strlen(p);
+    token = p;
+    while (((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) &&
+           (size_t)(p - token) < STREAM_TOKEN_MAX)
+        p++;
+    if (*p != ':')
+        return false;
+    out->id = (int64_t)v_id;
+    out->seq = (uint32_t)v_seq;
+    out->more = more;
+    out->token = token;
+    out->token_len = (size_t)(p - token);
+    out->data = p + 1;
+    out->len = strlen(p + 1);
     return true;
+}
+
+/* ---- tokens --------------------------------------------------------------------------- */
+
+bool stream_token_make(char out[STREAM_TOKEN_LEN + 1])
+{
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    unsigned char rnd[64];
+    size_t n = 0;
+
+    out[0] = '\0';
+    while (n < STREAM_TOKEN_LEN) {
+        ssize_t got = getrandom(rnd, sizeof rnd, 0);
+
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            goto fail;
+        /* 248 = 4 * 62: the bytes above are thrown away, so every symbol is as likely. */
+        for (ssize_t i = 0; i < got && n < STREAM_TOKEN_LEN; i++)
+            if (rnd[i] < 248)
+                out[n++] = alphabet[rnd[i] % 62];
+    }
+    out[n] = '\0';
+    explicit_bzero(rnd, sizeof rnd);
+    return true;
+fail:
+    explicit_bzero(rnd, sizeof rnd);
+    out[0] = '\0';
+    return false;
+}
+
+bool stream_token_equal(const char *ours, const char *token, size_t len)
+{
+    unsigned char diff = 0;
+
+    /* The length is no secret (ours is always STREAM_TOKEN_LEN); the bytes are. */
+    if (!ours || !token || ours[0] == '\0' || len != STREAM_TOKEN_LEN || strlen(ours) != STREAM_TOKEN_LEN)
+        return false;
+    for (size_t i = 0; i < STREAM_TOKEN_LEN; i++)
+        diff |= (unsigned char)(ours[i] ^ token[i]);
+    return diff == 0;
 }
 
 /* ---- framing ------------------------------------------------------------------------ */

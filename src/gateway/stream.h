@@ -1,6 +1,9 @@
 /* stream: the gateway half of "stream": true. A daemon relays the provider's
  * Server-Sent Events as notifications on the job's reply channel,
- * "S<job id>:<seq>:<m|e>:<data>" (sql/002_streaming.sql). Here pieces are put back
+ * "S<job id>:<seq>:<m|e>:<stream token>:<data>" (sql/002_streaming.sql). Any
+ * database role may NOTIFY any channel, so each stream request gets a random token
+ * (stream_token_make), sent as the submit element's "stream_token" and echoed by
+ * the database in every genuine piece; a piece without it is dropped. Pieces are put back
  * in sequence order (a bounded window), joined into whole events ('m' = the event
  * continues in the next piece) and framed as SSE ("data: ...\n\n") into an output
  * buffer that the HTTP thread hands to libmicrohttpd as the client can take it.
@@ -25,13 +28,32 @@
 #define STREAM_MAX_PENDING_BYTES (1024u * 1024u)  /* bytes those may hold */
 #define STREAM_MAX_EVENT_BYTES (4u * 1024u * 1024u) /* one event joined from 'm' pieces */
 #define STREAM_MAX_OUT_BYTES (8u * 1024u * 1024u) /* framed, not yet taken by the client */
+#define STREAM_TOKEN_LEN 24u                      /* ours: letters and digits, ~143 random bits */
+#define STREAM_TOKEN_MAX 64u                      /* the longest dispatch.submit_many takes */
 
 /* ---- pure parts (unit-tested) --------------------------------------------------- */
 
-/* "S<id>:<seq>:<m|e>:<data>" -> its fields; data points into payload (to its end).
- * False for anything else (an ids-only payload, a malformed one). */
-bool stream_parse_payload(const char *payload, int64_t *id, uint32_t *seq, bool *more, const char **data,
-                          size_t *len);
+/* One stream piece notification; token and data point into the payload. */
+typedef struct {
+    int64_t id;                /* > 0 */
+    uint32_t seq;
+    bool more;                 /* 'm': the event continues in the next piece */
+    const char *token;         /* 0..STREAM_TOKEN_MAX letters and digits (not NUL-terminated) */
+    size_t token_len;          /* 0: the job has no token, so the piece is not for a stream of ours */
+    const char *data;          /* to the payload's end */
+    size_t len;
+} stream_payload_t;
+
+/* "S<id>:<seq>:<m|e>:<token>:<data>" -> its fields. False for anything else (an
+ * ids-only payload, a malformed one, the old format without a token). */
+bool stream_parse_payload(const char *payload, stream_payload_t *out);
+
+/* A fresh token: STREAM_TOKEN_LEN letters and digits from getrandom(2), unbiased,
+ * NUL-terminated. False (out emptied) when the kernel gives no randomness. */
+bool stream_token_make(char out[STREAM_TOKEN_LEN + 1]);
+/* Whether a piece's token (len bytes, not NUL-terminated) is ours, a NUL-terminated
+ * STREAM_TOKEN_LEN token. Constant time in the content; false when ours is empty. */
+bool stream_token_equal(const char *ours, const char *token, size_t len);
 
 /* SSE framing, appended to out. An event's data with line breaks becomes one
  * "data:" line per line, as the SSE format wants. */
@@ -96,6 +118,7 @@ typedef struct gw_stream {
     int refs;                      /* under mu */
 
     /* Dispatcher thread only. */
+    char token[STREAM_TOKEN_LEN + 1]; /* set before the submit goes out; "" until then */
     stream_rx_t rx;
     call_t shadow;                 /* the waiter that relays once the headers went out */
     bool broken;                   /* before the first event: pieces unusable, answer from the result */

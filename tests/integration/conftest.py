@@ -5,6 +5,7 @@ started as child processes that are always stopped at teardown.
 Binaries come from build/ (or build/san/ when PGD_SANITIZE=1, so the suite can run
 against the ASan/UBSan builds)."""
 import itertools
+import json
 import os
 import signal
 import socket
@@ -217,3 +218,37 @@ def port_open(port, host="127.0.0.1"):
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+class FakeProvider:
+    """One fake provider process (tests/fake_provider) on its own port; flags are its
+    command-line flags with _ for -, e.g. FakeProvider(procs, latency_ms=50)."""
+
+    def __init__(self, procs, name="fake", port=None, **flags):
+        self.procs = procs
+        self.name = name
+        self.port = port or free_port()
+        self.flags = flags
+        self.start()
+
+    def start(self):
+        argv = [binary("fake-provider"), "--port", str(self.port)]
+        for k, v in self.flags.items():
+            argv += ["--" + k.replace("_", "-"), str(v)]
+        self.proc = self.procs.start(self.name, argv)
+        wait_for(lambda: port_open(self.port), 10, what="%s listening" % self.name)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def stats(self):
+        status, body, _ = http_get(self.url + "/_fake/stats")
+        assert status == 200, body
+        return json.loads(body)
+
+    def config(self, **patch):
+        req = urllib.request.Request(self.url + "/_fake/config", data=json.dumps(patch).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200

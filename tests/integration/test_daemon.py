@@ -7,48 +7,17 @@ measurement, which is what it measures."""
 import json
 import signal
 import time
-import urllib.request
 
 import pytest
 
-from conftest import binary, free_port, http_get, port_open, wait_for
+from conftest import FakeProvider, binary, free_port, wait_for
 
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
 
 
 # ---------------------------------------------------------------------------- helpers
 
-class Fake:
-    """One fake provider process on its own port."""
-
-    def __init__(self, procs, name="fake", port=None, **flags):
-        self.procs = procs
-        self.name = name
-        self.port = port or free_port()
-        self.flags = flags
-        self.start()
-
-    def start(self):
-        argv = [binary("fake-provider"), "--port", str(self.port)]
-        for k, v in self.flags.items():
-            argv += ["--" + k.replace("_", "-"), str(v)]
-        self.proc = self.procs.start(self.name, argv)
-        wait_for(lambda: port_open(self.port), 10, what="%s listening" % self.name)
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def stats(self):
-        status, body, _ = http_get(self.url + "/_fake/stats")
-        assert status == 200, body
-        return json.loads(body)
-
-    def config(self, **patch):
-        req = urllib.request.Request(self.url + "/_fake/config", data=json.dumps(patch).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=5) as r:
-            assert r.status == 200
+Fake = FakeProvider
 
 
 def daemon(procs, dsn, fake, *extra, name="daemon", env=None, provider_url=None):

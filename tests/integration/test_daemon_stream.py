@@ -1,14 +1,16 @@
 """pgdispatch-daemon relaying "stream": true jobs (sql/002_streaming.sql): a Python
 listener on the job's reply channel plays the gateway and checks that the provider's
-events arrive as S<id>:<seq>:<m|e>:<data> notifications in seq order with the
-provider's own data strings, that the completion notification comes after the last
-chunk, and that the job's result is the assembled non-stream response. Also: a
+events arrive as S<id>:<seq>:<m|e>:<token>:<data> notifications in seq order with
+the job's stream token and the provider's own data strings, that the completion
+notification comes after the last chunk, and that the job's result is the assembled
+non-stream response. Also: a
 provider dying mid-stream, a 500 before the first chunk, cancel and deadline
 mid-stream, lease extension of a long stream, many concurrent streams, a long one.
 
 Every wait is a wait_for with a deadline; there are no fixed sleeps."""
 import http.server
 import json
+import secrets
 import threading
 import time
 import urllib.request
@@ -55,12 +57,13 @@ class Listener:
             return list(self.items)
 
     def pieces(self, job_id):
-        """[(seq, more, data), ...] in arrival order."""
+        """[(seq, more, data), ...] in arrival order (S<id>:<seq>:<m|e>:<token>:<data>)."""
         prefix = "S%d:" % job_id
         out = []
         for p in self.snapshot():
             if p.startswith(prefix):
-                seq, flag, data = p[len(prefix):].split(":", 2)
+                seq, flag, token, data = p[len(prefix):].split(":", 3)
+                assert token == TOKENS.get(job_id, ""), (job_id, token)
                 out.append((int(seq), flag == "m", data))
         return out
 
@@ -95,10 +98,26 @@ def listener(db):
     lst.close()
 
 
+# Stream jobs are submitted the gateway's way, with a stream token of their own that
+# every piece must echo; the others through dispatch.submit, without one (pieces, if
+# any, would carry an empty token).
+TOKENS = {}
+
+
 def submit(db, payload, endpoint="/v1/chat/completions", timeout_ms=None):
-    return db.one("SELECT dispatch.submit('demo', %s, %s::json, p_timeout => %s::interval, "
-                  "p_reply_channel => %s)",
-                  (endpoint, json.dumps(payload), None if timeout_ms is None else "%d ms" % timeout_ms, CHANNEL))
+    if not payload.get("stream"):
+        return db.one("SELECT dispatch.submit('demo', %s, %s::json, p_timeout => %s::interval, "
+                      "p_reply_channel => %s)",
+                      (endpoint, json.dumps(payload), None if timeout_ms is None else "%d ms" % timeout_ms, CHANNEL))
+    token = secrets.token_hex(12)
+    element = {"model": "demo", "endpoint": endpoint, "payload": payload, "stream_token": token}
+    if timeout_ms is not None:
+        element["timeout_ms"] = timeout_ms
+    (jid, state, message), = db.sql("SELECT id, sqlstate, message FROM dispatch.submit_many(%s::json, %s)",
+                                    (json.dumps([element]), CHANNEL))
+    assert jid is not None, (state, message)
+    TOKENS[jid] = token
+    return jid
 
 
 def job(db, job_id):

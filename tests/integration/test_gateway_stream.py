@@ -420,7 +420,8 @@ def test_stray_and_malformed_pieces_are_ignored(db, workers, gateway):
     workers("n1", ["m1"], standin=True)
     port = gateway()
     channel = json.loads(request(port, "GET", "/v1/status")[2])["gateway"]["reply_channel"]
-    for payload in ["S999999:0:e:{}", "S1:x:e:{}", "Sgarbage", "S5:0:q:{}"]:
+    for payload in ["S999999:0:e:abcdefgh12345678abcdefgh:{}", "S999999:0:e::{}", "S1:x:e::{}", "Sgarbage",
+                    "S5:0:q::{}", "S5:0:e:{}", "S5:0:e:bad-token:{}"]:
         db.sql("SELECT pg_notify(%s, %s)", (channel, payload))
     st, _, events = stream_all(port, chat_body("m1", "still fine"))
     assert st == 200

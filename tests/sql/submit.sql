@@ -2,7 +2,7 @@
 -- Happy paths and every refusal with its SQLSTATE.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(100);
+SELECT plan(103);
 -- pgTAP keeps its bookkeeping in temp tables; node roles must be able to write them.
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
@@ -280,6 +280,20 @@ SELECT throws_ok(format('SELECT dispatch.complete(%s, 1, %L)', :c6, '{}'), 'PD00
                  'cancel: the leasing node''s late completion is refused (PD004)');
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT state FROM dispatch.jobs WHERE id = :c6), 'cancelled', 'cancel: the refused completion changed nothing');
+
+-- stream_token: stored with the job, validated, replaced by an idempotent replay.
+SELECT id AS t1 FROM dispatch.submit_many('[{"model":"m1","payload":{},"idempotency_key":"tok-1","stream_token":"abcDEF123456"}]', 'gw_t') \gset
+SELECT is((SELECT stream_token FROM dispatch.jobs WHERE id = :t1), 'abcDEF123456', 'submit_many stores the stream token');
+SELECT id AS t1b FROM dispatch.submit_many('[{"model":"m1","payload":{},"idempotency_key":"tok-1","stream_token":"zzzzYYYY9999"}]', 'gw_u') \gset
+SELECT is((SELECT stream_token || ' ' || reply_channel FROM dispatch.jobs WHERE id = :t1), 'zzzzYYYY9999 gw_u',
+          'an idempotent replay moves the answer and the stream token to the new caller');
+SELECT results_eq($$SELECT sqlstate, message FROM dispatch.submit_many('[{"model":"m1","payload":{},"stream_token":"short"},
+                                                                        {"model":"m1","payload":{},"stream_token":"has space 123"},
+                                                                        {"model":"m1","payload":{},"stream_token":12345678}]')$$,
+                  $$VALUES ('22023'::text, 'stream_token must be 8 to 64 letters and digits'::text),
+                           ('22023', 'stream_token must be 8 to 64 letters and digits'),
+                           ('22023', 'stream_token must be 8 to 64 letters and digits')$$,
+                  'submit_many refuses malformed stream tokens');
 
 SELECT * FROM finish();
 ROLLBACK;

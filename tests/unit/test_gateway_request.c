@@ -1,6 +1,6 @@
 /* Unit tests for src/gateway/request.c: content type, option headers, OpenAI and job
- * bodies to submit elements (the body embedded byte for byte), job paths, long-poll
- * waits and bearer tokens. */
+ * bodies to submit elements (the body embedded byte for byte), a stream token added
+ * to an element, job paths, long-poll waits and bearer tokens. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -132,6 +132,68 @@ static void test_openai_element_embeds_the_body(void **state)
     free(element);
 }
 
+static void test_stream_token_added(void **state)
+{
+    static const char body[] = "{\"model\":\"m\",\"stream\":true,\"messages\":[{\"content\":\"}\"}]}";
+    request_options_t o = default_options();
+    gw_reply_t r = {0};
+    char *element = NULL, *before;
+    size_t len = 0, before_len;
+    bool stream = false;
+    json_t *doc;
+
+    (void)state;
+    assert_int_equal(request_build_openai(body, strlen(body), "/v1/chat/completions", &o, &element, &len, &stream, &r),
+                     0);
+    assert_true(stream);
+    before = strdup(element);
+    before_len = len;
+    assert_true(request_add_stream_token(&element, &len, "abcDEF0123456789xyzXYZ00"));
+    assert_int_equal(len, strlen(element));
+    assert_int_equal(len, before_len + strlen(",\"stream_token\":\"abcDEF0123456789xyzXYZ00\""));
+    /* The rest is as it was: the body still byte for byte. */
+    assert_memory_equal(element, before, before_len - 1);
+    assert_non_null(strstr(element, body));
+    doc = json_loads(element, 0, NULL);
+    assert_non_null(doc);
+    assert_string_equal(json_string_value(json_object_get(doc, "stream_token")), "abcDEF0123456789xyzXYZ00");
+    assert_string_equal(json_string_value(json_object_get(doc, "model")), "m");
+    json_decref(doc);
+
+    /* Refused, the element unchanged: no token, too long, not letters and digits. */
+    static const char *const bad[] = {
+        "", "abc\"def", "abc def1", "abc-def1", "tok\xc3\xa9n123",
+        "12345678901234567890123456789012345678901234567890123456789012345",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *same = element;
+        size_t same_len = len;
+
+        assert_false(request_add_stream_token(&element, &len, bad[i]));
+        assert_ptr_equal(element, same);
+        assert_int_equal(len, same_len);
+    }
+    assert_false(request_add_stream_token(&element, &len, NULL));
+    free(element);
+    free(before);
+
+    /* An empty object takes no leading comma; what is not an object is refused. */
+    element = strdup("{}");
+    len = 2;
+    assert_true(request_add_stream_token(&element, &len, "t0k3n999"));
+    assert_string_equal(element, "{\"stream_token\":\"t0k3n999\"}");
+    assert_int_equal(len, strlen(element));
+    free(element);
+    element = strdup("[1]");
+    len = 3;
+    assert_false(request_add_stream_token(&element, &len, "t0k3n999"));
+    assert_string_equal(element, "[1]");
+    free(element);
+    element = NULL;
+    len = 0;
+    assert_false(request_add_stream_token(&element, &len, "t0k3n999"));
+}
+
 static void test_openai_refusals(void **state)
 {
     static const struct {
@@ -152,6 +214,13 @@ static void test_openai_refusals(void **state)
         {"{\"model\": \"\"}", "invalid_model"},
         {"{\"model\": \"m\", \"stream\": \"yes\"}", "invalid_request"},
         {"{\"model\": \"m\", \"stream\": 1}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": \"100\"}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": {}}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": true}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": 0}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": -1}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": 1.5}", "invalid_request"},
+        {"{\"model\": \"m\", \"max_tokens\": 2147483648}", "invalid_request"},
     };
     bool stream;
     request_options_t o = default_options();
@@ -186,6 +255,26 @@ static void test_openai_refusals(void **state)
         assert_int_equal(request_build_openai(deep, 2 * depth, "/v1/x", &o, &element, &len, &stream, &r), -1);
         assert_refused(&r, 400, "invalid_json");
         free(deep);
+    }
+    {
+        /* A whole max_tokens (or null) is fine; embeddings do not check it. */
+        static const char *const ok[][2] = {
+            {"{\"model\": \"m\", \"max_tokens\": 1}", "/v1/completions"},
+            {"{\"model\": \"m\", \"max_tokens\": 2147483647}", "/v1/chat/completions"},
+            {"{\"model\": \"m\", \"max_tokens\": null}", "/v1/chat/completions"},
+            {"{\"model\": \"m\", \"max_tokens\": \"x\"}", "/v1/embeddings"},
+        };
+
+        for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+            gw_reply_t r = {0};
+            char *element = NULL;
+            size_t len;
+
+            assert_int_equal(request_build_openai(ok[i][0], strlen(ok[i][0]), ok[i][1], &o, &element, &len, &stream,
+                                                  &r),
+                             0);
+            free(element);
+        }
     }
     {
         /* "stream": false is fine. */
@@ -273,7 +362,9 @@ static void test_job_bodies(void **state)
     assert_refused(&r, 400, "invalid_endpoint");
     assert_null(build_job("{\"model\": \"m\", \"endpoint\": \"/v1/x?y=1\", \"payload\": {}}", &o, &r));
     assert_refused(&r, 400, "invalid_endpoint");
-    assert_null(build_job("{\"endpoint\": \"/v1/x\", \"payload\": {}}", &o, &r));
+    assert_null(build_job("{\"model\": \"m\", \"endpoint\": \"/api/pull\", \"payload\": {}}", &o, &r));
+    assert_refused(&r, 400, "invalid_endpoint");
+    assert_null(build_job("{\"endpoint\": \"/v1/completions\", \"payload\": {}}", &o, &r));
     assert_refused(&r, 400, "missing_model");
     assert_null(build_job("{\"model\": 1, \"payload\": {\"model\": \"m\"}}", &o, &r));
     assert_refused(&r, 400, "invalid_model");
@@ -285,7 +376,12 @@ static void test_endpoint_and_paths(void **state)
 
     (void)state;
     assert_true(request_endpoint_ok("/v1/chat/completions"));
-    assert_true(request_endpoint_ok("/"));
+    assert_true(request_endpoint_ok("/v1/completions"));
+    assert_true(request_endpoint_ok("/v1/embeddings"));
+    assert_false(request_endpoint_ok("/"));
+    assert_false(request_endpoint_ok("/api/pull"));
+    assert_false(request_endpoint_ok("/_fake/config"));
+    assert_false(request_endpoint_ok("/v1/chat/completions/.."));
     assert_false(request_endpoint_ok("v1"));
     assert_false(request_endpoint_ok("/v1/a b"));
     assert_false(request_endpoint_ok(NULL));
@@ -337,6 +433,7 @@ int main(void)
         cmocka_unit_test(test_content_type),
         cmocka_unit_test(test_options),
         cmocka_unit_test(test_openai_element_embeds_the_body),
+        cmocka_unit_test(test_stream_token_added),
         cmocka_unit_test(test_openai_refusals),
         cmocka_unit_test(test_job_bodies),
         cmocka_unit_test(test_endpoint_and_paths),

@@ -1,7 +1,8 @@
-/* Unit tests for the gateway's half of streaming: stream piece payloads, putting
- * pieces back in order, gap and restart detection, joining split events, SSE
- * framing, the answer built from a finished result, and the buffer between the
- * dispatcher and the content reader (suspend/resume handshake, ends, limits). */
+/* Unit tests for the gateway's half of streaming: stream piece payloads and their
+ * tokens, putting pieces back in order, gap and restart detection, joining split
+ * events, SSE framing, the answer built from a finished result, and the buffer
+ * between the dispatcher and the content reader (suspend/resume handshake, ends,
+ * limits). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,38 +20,127 @@
 
 static void test_parse_payload(void **state)
 {
-    int64_t id;
-    uint32_t seq;
-    bool more;
-    const char *data;
-    size_t len;
+    stream_payload_t p;
 
     (void)state;
-    assert_true(stream_parse_payload("S42:0:e:{\"a\":1}", &id, &seq, &more, &data, &len));
-    assert_int_equal(id, 42);
-    assert_int_equal(seq, 0);
-    assert_false(more);
-    assert_int_equal(len, 7);
-    assert_memory_equal(data, "{\"a\":1}", 7);
+    assert_true(stream_parse_payload("S42:0:e:abcDEF123456:{\"a\":1}", &p));
+    assert_int_equal(p.id, 42);
+    assert_int_equal(p.seq, 0);
+    assert_false(p.more);
+    assert_int_equal(p.token_len, 12);
+    assert_memory_equal(p.token, "abcDEF123456", 12);
+    assert_int_equal(p.len, 7);
+    assert_memory_equal(p.data, "{\"a\":1}", 7);
 
     /* Data may hold colons and be empty; 'm' marks a piece that continues. */
-    assert_true(stream_parse_payload("S9223372036854775807:2147483647:m:a:b:c", &id, &seq, &more, &data, &len));
-    assert_true(id == INT64_MAX);
-    assert_int_equal(seq, 2147483647u);
-    assert_true(more);
-    assert_string_equal(data, "a:b:c");
-    assert_true(stream_parse_payload("S1:5:e:", &id, &seq, &more, &data, &len));
-    assert_int_equal(len, 0);
+    assert_true(stream_parse_payload("S9223372036854775807:2147483647:m:T0k3n:a:b:c", &p));
+    assert_true(p.id == INT64_MAX);
+    assert_int_equal(p.seq, 2147483647u);
+    assert_true(p.more);
+    assert_int_equal(p.token_len, 5);
+    assert_string_equal(p.data, "a:b:c");
+    assert_true(stream_parse_payload("S1:5:e:tok:", &p));
+    assert_int_equal(p.len, 0);
+    assert_string_equal(p.data, "");
 
-    /* Everything else is not a piece. */
+    /* A job submitted without a token: the field is empty (and the piece not ours). */
+    assert_true(stream_parse_payload("S7:3:e::{}", &p));
+    assert_int_equal(p.token_len, 0);
+    assert_string_equal(p.data, "{}");
+    assert_true(stream_parse_payload("S7:3:e:::", &p));
+    assert_int_equal(p.token_len, 0);
+    assert_string_equal(p.data, ":");
+
+    /* The longest token submit_many takes; one more is not a token. */
+    {
+        char buf[200];
+
+        snprintf(buf, sizeof buf, "S1:0:e:%064d:x", 0);
+        assert_true(stream_parse_payload(buf, &p));
+        assert_int_equal(p.token_len, 64);
+        assert_string_equal(p.data, "x");
+        snprintf(buf, sizeof buf, "S1:0:e:%065d:x", 0);
+        assert_false(stream_parse_payload(buf, &p));
+    }
+
+    /* Everything else is not a piece, nor is the format before tokens when its data
+     * does not happen to start with letters and a colon. */
     static const char *const bad[] = {
-        "", "12,13", "S", "S1", "S1:", "S1:2", "S1:2:", "S1:2:e", "S1:2:x:data", "S0:1:e:x", "S-1:1:e:x",
-        "S1:-1:e:x", "Sx:1:e:x", "S1:y:e:x", "S1::e:x", ":1:e:x", "s1:1:e:x", "S9223372036854775808:1:e:x",
-        "S1:2147483648:e:x", "S1:2:ee:x", " S1:2:e:x",
+        "", "12,13", "S", "S1", "S1:", "S1:2", "S1:2:", "S1:2:e", "S1:2:x:t:data", "S0:1:e:t:x", "S-1:1:e:t:x",
+        "S1:-1:e:t:x", "Sx:1:e:t:x", "S1:y:e:t:x", "S1::e:t:x", ":1:e:t:x", "s1:1:e:t:x",
+        "S9223372036854775808:1:e:t:x", "S1:2147483648:e:t:x", "S1:2:ee:t:x", " S1:2:e:t:x", "S1:2:e:",
+        "S1:2:e:tok", "S1:2:e:{\"a\":1}", "S1:2:e:to-ken:x", "S1:2:e:to ken:x", "S1:2:e:tok\xc3\xa9:x",
+        "S1:2:e:\"tok\":x",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
-        assert_false(stream_parse_payload(bad[i], &id, &seq, &more, &data, &len));
-    assert_false(stream_parse_payload(NULL, &id, &seq, &more, &data, &len));
+        assert_false(stream_parse_payload(bad[i], &p));
+    assert_false(stream_parse_payload(NULL, &p));
+}
+
+/* ---- tokens ------------------------------------------------------------------------- */
+
+static bool is_token(const char *t)
+{
+    if (strlen(t) != STREAM_TOKEN_LEN)
+        return false;
+    for (const char *c = t; *c; c++)
+        if (!((*c >= 'A' && *c <= 'Z') || (*c >= 'a' && *c <= 'z') || (*c >= '0' && *c <= '9')))
+            return false;
+    return true;
+}
+
+static void test_token_make(void **state)
+{
+    char a[STREAM_TOKEN_LEN + 1], b[STREAM_TOKEN_LEN + 1];
+    unsigned seen[128] = {0};
+    size_t distinct = 0;
+
+    (void)state;
+    assert_true(stream_token_make(a));
+    assert_true(stream_token_make(b));
+    assert_true(is_token(a));
+    assert_true(is_token(b));
+    assert_string_not_equal(a, b);
+    /* What a token may hold: letters and digits, all of them in use. */
+    for (int i = 0; i < 200; i++) {
+        assert_true(stream_token_make(a));
+        assert_true(is_token(a));
+        for (const char *c = a; *c; c++)
+            if (seen[(unsigned char)*c]++ == 0)
+                distinct++;
+    }
+    assert_int_equal(distinct, 62);
+}
+
+static void test_token_equal(void **state)
+{
+    const char *ours = "abcdefghijklmnopqrstuvwx";
+
+    (void)state;
+    assert_int_equal(strlen(ours), STREAM_TOKEN_LEN);
+    assert_true(stream_token_equal(ours, "abcdefghijklmnopqrstuvwx:data", STREAM_TOKEN_LEN));
+    assert_false(stream_token_equal(ours, "abcdefghijklmnopqrstuvwX", STREAM_TOKEN_LEN));
+    assert_false(stream_token_equal(ours, "Abcdefghijklmnopqrstuvwx", STREAM_TOKEN_LEN));
+    /* A prefix, a longer one, none. */
+    assert_false(stream_token_equal(ours, "abcdefghijklmnopqrstuvw", STREAM_TOKEN_LEN - 1));
+    assert_false(stream_token_equal(ours, "abcdefghijklmnopqrstuvwxy", STREAM_TOKEN_LEN + 1));
+    assert_false(stream_token_equal(ours, "", 0));
+    /* No token of ours (a request whose submit has not gone out) matches nothing. */
+    assert_false(stream_token_equal("", "", 0));
+    assert_false(stream_token_equal("", "abcdefghijklmnopqrstuvwx", STREAM_TOKEN_LEN));
+    assert_false(stream_token_equal(NULL, "abcdefghijklmnopqrstuvwx", STREAM_TOKEN_LEN));
+
+    /* A piece's token as parsed. */
+    {
+        stream_payload_t p;
+
+        assert_true(stream_parse_payload("S3:0:e:abcdefghijklmnopqrstuvwx:{}", &p));
+        assert_true(stream_token_equal(ours, p.token, p.token_len));
+        assert_true(stream_parse_payload("S3:0:e:abcdefghijklmnopqrstuvwxyz:{}", &p));
+        assert_false(stream_token_equal(ours, p.token, p.token_len));
+        assert_true(stream_parse_payload("S3:0:e::{}", &p));
+        assert_false(stream_token_equal(ours, p.token, p.token_len));
+    }
 }
 
 /* ---- framing ------------------------------------------------------------------------- */
@@ -387,6 +477,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_payload),
+        cmocka_unit_test(test_token_make),
+        cmocka_unit_test(test_token_equal),
         cmocka_unit_test(test_frame_event),
         cmocka_unit_test(test_frame_result),
         cmocka_unit_test(test_in_order),
