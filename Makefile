@@ -85,7 +85,7 @@ $(BUILD)/san/unit/%: tests/unit/%.c $(LIB_SRC) $(HEADERS)
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) $(SANFLAGS) -Isrc/gateway -Idaemon -o $@ $< $(LIB_SRC) $(LIBS) -lcmocka
 
-test: deps build ## run every suite: C unit (ASan+UBSan), pgTAP, integration
+test: deps build ## run every suite: C unit (ASan+UBSan), fuzz (20 s each), pgTAP, integration
 	$(MAKE) --no-print-directory test-unit
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory test-sql
@@ -106,7 +106,7 @@ test-integration: build sdk-deps ## pytest against real PostgreSQL, the sanitize
 run: deps build ## run the whole system locally: PostgreSQL, provider, daemon, gateway on :8080
 	$(PYTHON) tests/run_local.py
 
-migrate: ## apply sql/NNN_*.sql to $$DATABASE_URL (or the PG* environment)
+migrate: ## apply sql/NNN_*.sql to the database in DATABASE_URL (or the PG* environment)
 	sh sql/migrate.sh
 
 clean: ## remove build output
