@@ -50,13 +50,18 @@ typedef enum {
     OP_STUCK,    /* health(): stuck queues while requests wait; no calls */
 } op_kind_t;
 
+/* A growable list of job ids. */
+typedef struct {
+    int64_t *v;
+    size_t n, cap;
+} idvec_t;
+
 typedef struct {
     PGconn *conn;
     op_kind_t op;
     call_t **calls;
     size_t ncalls, calls_cap;
-    int64_t *ids;
-    size_t nids, ids_cap;
+    idvec_t ids;
     const char *reason;      /* OP_CANCELS */
     bool async_channel;      /* OP_SUBMIT: the batch went to the jobs channel */
     bool flushing;           /* output still queued in libpq: wait for POLLOUT */
@@ -73,11 +78,6 @@ typedef struct {
     const char *reason;      /* static */
     bool solo;               /* its batch failed as a whole: send it alone */
 } cancel_t;
-
-typedef struct {
-    int64_t *v;
-    size_t n, cap;
-} idvec_t;
 
 typedef struct {
     char *key;
@@ -295,17 +295,7 @@ static bool worker_add_call(worker_t *w, call_t *c)
 
 static bool worker_add_id(worker_t *w, int64_t id)
 {
-    if (w->nids == w->ids_cap) {
-        size_t cap = w->ids_cap ? w->ids_cap * 2 : 64;
-        int64_t *p = realloc(w->ids, cap * sizeof *p);
-
-        if (!p)
-            return false;
-        w->ids = p;
-        w->ids_cap = cap;
-    }
-    w->ids[w->nids++] = id;
-    return true;
+    return idvec_push(&w->ids, id);
 }
 
 /* ---- answering calls -------------------------------------------------------- */
@@ -650,7 +640,7 @@ static void worker_reset(worker_t *w)
 {
     w->op = OP_IDLE;
     w->ncalls = 0;
-    w->nids = 0;
+    w->ids.n = 0;
     w->reason = NULL;
     w->async_channel = false;
     w->flushing = false;
@@ -728,7 +718,7 @@ static void dispatcher_start_results(dispatcher_t *d, worker_t *w)
 
     worker_reset(w);
     w->op = OP_RESULTS;
-    while (d->gets.head && w->nids < RESULTS_MAX_IDS) {
+    while (d->gets.head && w->ids.n < RESULTS_MAX_IDS) {
         c = queue_pop(&d->gets);
         if (!worker_add_call(w, c) || !worker_add_id(w, c->job_id)) {
             if (w->ncalls && w->calls[w->ncalls - 1] == c)
@@ -742,8 +732,8 @@ static void dispatcher_start_results(dispatcher_t *d, worker_t *w)
     for (size_t i = 0; i < take; i++)
         worker_add_id(w, d->result_ids.v[d->result_ids.n - 1 - i]);
     d->result_ids.n -= take;
-    w->nids = batch_unique_ids(w->ids, w->nids);
-    batch_ids_literal(&b, w->ids, w->nids);
+    w->ids.n = batch_unique_ids(w->ids.v, w->ids.n);
+    batch_ids_literal(&b, w->ids.v, w->ids.n);
     if (b.oom) {
         for (size_t i = 0; i < w->ncalls; i++)
             dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "out of memory");
@@ -777,7 +767,7 @@ static void dispatcher_start_cancels(dispatcher_t *d, worker_t *w)
             d->cancels[kept++] = *x;
     }
     d->ncancels = kept;
-    batch_ids_literal(&b, w->ids, w->nids);
+    batch_ids_literal(&b, w->ids.v, w->ids.n);
     values[0] = b.data;
     values[1] = w->reason;
     if (b.oom) {
@@ -785,7 +775,7 @@ static void dispatcher_start_cancels(dispatcher_t *d, worker_t *w)
         worker_reset(w);
         return;
     }
-    log_debug("cancel_sent", "jobs=%zu reason=\"%s\"", w->nids, w->reason);
+    log_debug("cancel_sent", "jobs=%zu reason=\"%s\"", w->ids.n, w->reason);
     worker_send(d, w, SQL_CANCELS, 2, values);
     buf_free(&b);
 }
@@ -1385,7 +1375,7 @@ static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *re
     if (!ok) {
         d->recent_results.n = 0;
         if (!lost)
-            log_error("results_failed", "ids=%zu error=%s", w->nids, log_quote(q, sizeof q, err));
+            log_error("results_failed", "ids=%zu error=%s", w->ids.n, log_quote(q, sizeof q, err));
         for (size_t i = 0; i < w->ncalls; i++) {
             if (lost)
                 dispatcher_answer_error(d, w->calls[i], 503, "database_unavailable", MSG_DB_DOWN);
@@ -1462,16 +1452,16 @@ static void dispatcher_finish_cancels(dispatcher_t *d, worker_t *w, PGresult *re
     if (ok)
         return;
     if (lost || sqlstate_means_lost(sqlstate)) {
-        for (size_t i = 0; i < w->nids; i++)
-            dispatcher_push_cancel(d, w->ids[i], w->reason, false);
+        for (size_t i = 0; i < w->ids.n; i++)
+            dispatcher_push_cancel(d, w->ids.v[i], w->reason, false);
         return;
     }
-    if (w->nids > 1) {
-        for (size_t i = 0; i < w->nids; i++)
-            dispatcher_push_cancel(d, w->ids[i], w->reason, true);
+    if (w->ids.n > 1) {
+        for (size_t i = 0; i < w->ids.n; i++)
+            dispatcher_push_cancel(d, w->ids.v[i], w->reason, true);
         return;
     }
-    log_warn("cancel_failed", "job=%lld reason=\"%s\" error=%s", (long long)(w->nids ? w->ids[0] : 0),
+    log_warn("cancel_failed", "job=%lld reason=\"%s\" error=%s", (long long)(w->ids.n ? w->ids.v[0] : 0),
              w->reason, log_quote(q, sizeof q, err));
 }
 
@@ -1667,7 +1657,7 @@ static void dispatcher_finish(dispatcher_t *d, worker_t *w, bool lost)
     if (res)
         PQclear(res);
     w->ncalls = 0;
-    w->nids = 0;
+    w->ids.n = 0;
 }
 
 /* ---- connections ------------------------------------------------------------- */
@@ -2171,7 +2161,7 @@ void dispatcher_free(dispatcher_t *d)
     for (int i = 0; d->workers && i < d->nworkers; i++) {
         worker_reset(&d->workers[i]);
         free(d->workers[i].calls);
-        free(d->workers[i].ids);
+        free(d->workers[i].ids.v);
     }
     free(d->workers);
     for (size_t i = 0; i < d->nstuck; i++)
