@@ -369,7 +369,7 @@ class Bench:
         self.pg_version = self.cluster.psql("SHOW server_version").strip()
         self.pg_settings = dict(
             line.split("|", 1) for line in self.cluster.psql(
-                "SELECT name, setting FROM pg_settings WHERE name IN ('fsync','synchronous_commit',"
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name IN ('fsync','synchronous_commit',"
                 "'shared_buffers','max_connections','pg_stat_statements.track','wal_level',"
                 "'checkpoint_timeout','max_wal_size','track_utility','pg_stat_statements.track_utility')"
             ).split("\n") if "|" in line)
@@ -416,7 +416,7 @@ class Bench:
         argv = [self.binary("pgdispatch-daemon"), "--database-url", db.dsn(role),
                 "--provider-url", provider.url, "--models", ",".join(models),
                 "--max-concurrency", str(concurrency), "--provider-family", "llamacpp",
-                "--log-level", "warn"]
+                "--log-level", os.environ.get("BENCH_DAEMON_LOG_LEVEL", "warn")]
         p = Proc("daemon-%s-%s" % (db.name, node), argv, self.out)
         p.node = node
         p.role = role
@@ -556,7 +556,8 @@ class Workload:
         r = {"id": self.id, "title": self.title, "date": datetime.datetime.now().astimezone().isoformat(
              timespec="seconds"), "elapsed_s": round(time.monotonic() - self.t0, 1),
              "figures": figures, "raw": raw, "notes": self.notes, "errors": self.errors,
-             "load_before": self.load_before, "quick": self.bench.quick, "build": self.bench.build}
+             "load_before": self.load_before, "quick": self.bench.quick, "build": self.bench.build,
+             "limits_same_run": self.bench.limits}
         if extra:
             r.update(extra)
         return r
@@ -652,6 +653,10 @@ def drain(bench, w, db, nodes, jobs, procs, provider, models=(MODEL,), counted=T
         # A drain that stalls is a result, not a gap: its rate so far is reported (and
         # the repeat is marked), so the median cannot silently leave it out.
         stalled = e
+    if not submit:
+        # A pre-filled queue holds more than `jobs`: stop the nodes taking more, so the
+        # counted window is this drain and not whatever they would lease while it settles.
+        admin.execute("SELECT dispatch.drain(n) FROM unnest(%s::text[]) n", (list(nodes),))
     c1 = cpu_sample(bench, procs)
     client.close()
     admin.close()
@@ -660,7 +665,11 @@ def drain(bench, w, db, nodes, jobs, procs, provider, models=(MODEL,), counted=T
     if counted:
         bench.settle()
         s2 = bench.observer.snapshot(db.name)
-        res.update(count_summary(stmt_delta(s0, s2), stalled.got if stalled else jobs))
+        done = jobs
+        if not submit:  # the jobs that finished in the window (a few past `jobs` were in flight)
+            done = db.one("SELECT count(*) FROM dispatch.jobs WHERE finished_at >= to_timestamp(%s)", (t_enable,))
+        res["jobs_finished_in_window"] = done
+        res.update(count_summary(stmt_delta(s0, s2), done))
     if stalled:
         w.errors.append("drain did not finish: %s; its rate so far (%.0f jobs/s) is the repeat's value"
                         % (stalled, stalled.got / stalled.seconds))
@@ -1438,7 +1447,7 @@ def write_report(data):
     a("")
     m = data.get("machine")
     if m:
-        a("## Machine and versions")
+        a("## Machine and versions (of the latest run; each workload names the build it measured)")
         a("")
         a("| | |")
         a("|---|---|")
@@ -1453,7 +1462,7 @@ def write_report(data):
         a("")
     lim = data.get("limits")
     if lim:
-        a("## Physical limits of this PostgreSQL, same run (%s)" % lim["date"])
+        a("## Physical limits of this PostgreSQL, latest run (%s)" % lim["date"])
         a("")
         a("| what | measured |")
         a("|---|---|")
@@ -1513,6 +1522,13 @@ def write_report(data):
             " **Quick mode: not comparable.**" if r.get("quick") else ""))
         if r.get("build"):
             a("Build measured: %s." % r["build"])
+        ls = r.get("limits_same_run")
+        if ls:
+            a("")
+            a("Same server, same run (%s): %.0f single-row commits/s with 8 clients, %.0f with NOTIFY; "
+              "SQL-only exchange round trip %.0f jobs/s at 10 per call, %.0f at 64." % (
+                  ls["date"], ls["commit_tps_8_clients"], ls["notify_commit_tps_8_clients"],
+                  ls["sql_exchange_jobs_per_s_c10"], ls["sql_exchange_jobs_per_s_c64"]))
         a("")
         if r.get("failed"):
             a("**Could not be measured:**")
@@ -1781,7 +1797,7 @@ def main():
     store["machine_date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     if not args.no_limits:
         try:
-            store["limits"] = measure_limits(bench)
+            store["limits"] = bench.limits = measure_limits(bench)
         except BenchError as e:
             log("limits: %s" % e)
     results = {}
