@@ -810,9 +810,9 @@ static void dispatcher_start_call(dispatcher_t *d, worker_t *w)
         worker_send(d, w, SQL_CANCEL_ONE, 1, values);
         break;
     case CALL_STATUS:
-        buf_append_str(&gw, "{\"reply_channel\":");
-        buf_append_json_string(&gw, d->channel, strlen(d->channel));
-        buf_printf(&gw, ",\"waiting_requests\":%ld,\"db_connections\":%d}", atomic_load(&d->nwaiting),
+        /* Not the reply channel: a database role listening there could read the
+         * streamed answers. It is in the start line of the log. */
+        buf_printf(&gw, "{\"waiting_requests\":%ld,\"db_connections\":%d}", atomic_load(&d->nwaiting),
                    d->nworkers + 1);
         values[0] = gw.oom ? "{}" : gw.data;
         worker_send(d, w, d->nodes_allowed == 0 ? SQL_STATUS_NO_NODES : SQL_STATUS_WITH_NODES, 1, values);

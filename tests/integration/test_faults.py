@@ -23,6 +23,7 @@ import collections
 import datetime
 import http.client
 import json
+import re
 import os
 import platform
 import shutil
@@ -91,8 +92,11 @@ def start_gateway(procs, db, name, *flags):
     return port, p
 
 
-def reply_channel(port):
-    return json.loads(http_get("http://127.0.0.1:%d/v1/status" % port)[1])["gateway"]["reply_channel"]
+def reply_channel(gateway_proc):
+    """From the gateway's start line (the channel is not published over HTTP)."""
+    m = re.search(r"reply_channel=(dispatch_r_[a-z0-9_]+)", gateway_proc.output())
+    assert m, "no reply_channel in the gateway's log"
+    return m.group(1)
 
 
 def rss_kb(pid, field="VmRSS"):
@@ -565,7 +569,7 @@ def test_kill9_gateway_with_waiters(fdb, procs):
     start_daemon(procs, db, "n1", fake, 16)
     port_a, gw_a = start_gateway(procs, db, "gw-a")
     port_b, _ = start_gateway(procs, db, "gw-b")
-    chan_a = reply_channel(port_a)
+    chan_a = reply_channel(gw_a)
     load_a = Load([port_a], "gwa", deadline_s=30, workers=4, idem=True).start()
     load_b = Load([port_b], "gwb", deadline_s=30, workers=4, idem=True).start()
     t_end = time.monotonic() + dur(8, 30)

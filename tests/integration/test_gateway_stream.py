@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT, wait_for
-from test_gateway import (CHAT, USE_REAL, RealWorker, StandIn, answer_text, assert_openai_error, chat_body,
+from test_gateway import (CHAT, reply_channel, USE_REAL, RealWorker, StandIn, answer_text, assert_openai_error, chat_body,
                           gateway, job_row, request)  # noqa: F401  (gateway is a fixture)
 
 SDK_DIR = os.path.join(ROOT, "tests", "sdk")
@@ -419,7 +419,7 @@ def test_a_job_finished_without_relayed_events_is_sent_whole(db, workers, gatewa
 def test_stray_and_malformed_pieces_are_ignored(db, workers, gateway):
     workers("n1", ["m1"], standin=True)
     port = gateway()
-    channel = json.loads(request(port, "GET", "/v1/status")[2])["gateway"]["reply_channel"]
+    channel = reply_channel(gateway, port)
     for payload in ["S999999:0:e:abcdefgh12345678abcdefgh:{}", "S999999:0:e::{}", "S1:x:e::{}", "Sgarbage",
                     "S5:0:q::{}", "S5:0:e:{}", "S5:0:e:bad-token:{}"]:
         db.sql("SELECT pg_notify(%s, %s)", (channel, payload))

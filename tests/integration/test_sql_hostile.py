@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from conftest import http_get, wait_for
-from test_gateway import CHAT, answer_text, chat_body, gateway, gateway_dsn, request, workers  # noqa: F401
+from test_gateway import CHAT, answer_text, reply_channel, chat_body, gateway, gateway_dsn, request, workers  # noqa: F401
 
 INJECTIONS = [
     "x'); DROP TABLE dispatch.jobs; --",
@@ -432,8 +432,7 @@ def test_forged_reply_notification_never_delivers_a_wrong_answer(db, workers, ga
     only: it re-reads dispatch.results and answers from the job's own row."""
     w = workers("n1", ["m1"])
     port = gateway()
-    st, body, _ = http_get("http://127.0.0.1:%d/v1/status" % port)
-    channel = json.loads(body)["gateway"]["reply_channel"]
+    channel = reply_channel(gateway, port)
 
     # A finished job with a different answer (another client's).
     st, _, body = request(port, "POST", CHAT, chat_body("m1", "the other answer"))
@@ -474,13 +473,13 @@ def sse_events(body):
 
 
 def test_forged_stream_piece_is_not_delivered_to_a_streaming_client(db, workers, gateway):  # noqa: F811
-    # Any role may NOTIFY the gateway's reply channel (and read its name off /v1/status).
+    # Any role may NOTIFY the gateway's reply channel (if it learns the channel's random name).
     # A stream piece counts only when it carries the secret token the gateway gave
     # submit_many for that request: forged ones (no token, a wrong one, the format
     # before tokens) are dropped, and the client gets exactly the real stream.
     w = workers("n1", ["m1"])
     port = gateway()
-    channel = json.loads(http_get("http://127.0.0.1:%d/v1/status" % port)[1])["gateway"]["reply_channel"]
+    channel = reply_channel(gateway, port)
     w.configure(latency_ms=2000)
     import threading
     spy = psycopg.connect(db.dsn, autocommit=True)
