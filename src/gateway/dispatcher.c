@@ -674,6 +674,19 @@ static bool worker_send(dispatcher_t *d, worker_t *w, const char *sql, int npara
     return true;
 }
 
+/* When building a batch's parameter ran out of memory: every call of the batch gets
+ * a 500, the buffer is freed and the worker is free again. Returns whether it did. */
+static bool batch_out_of_memory(dispatcher_t *d, worker_t *w, buf_t *b)
+{
+    if (!b->oom)
+        return false;
+    for (size_t i = 0; i < w->ncalls; i++)
+        dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "out of memory");
+    buf_free(b);
+    worker_reset(w);
+    return true;
+}
+
 static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
 {
     queue_t *q = async ? &d->jobs : &d->submits;
@@ -693,13 +706,8 @@ static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
             b.oom = true;
         }
     }
-    if (b.oom) {
-        for (size_t i = 0; i < w->ncalls; i++)
-            dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "out of memory");
-        buf_free(&b);
-        worker_reset(w);
+    if (batch_out_of_memory(d, w, &b))
         return;
-    }
     values[0] = b.data;
     values[1] = async ? DISPATCHER_JOBS_CHANNEL : d->channel;
     d->submits_in_flight++;
@@ -734,13 +742,8 @@ static void dispatcher_start_results(dispatcher_t *d, worker_t *w)
     d->result_ids.n -= take;
     w->ids.n = batch_unique_ids(w->ids.v, w->ids.n);
     batch_ids_literal(&b, w->ids.v, w->ids.n);
-    if (b.oom) {
-        for (size_t i = 0; i < w->ncalls; i++)
-            dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "out of memory");
-        buf_free(&b);
-        worker_reset(w);
+    if (batch_out_of_memory(d, w, &b))
         return;
-    }
     values[0] = b.data;
     d->results_in_flight = true;
     worker_send(d, w, SQL_RESULTS, 1, values);
@@ -845,13 +848,8 @@ static void dispatcher_start_auth(dispatcher_t *d, worker_t *w)
         buf_append_json_string(&b, c->api_key, strlen(c->api_key));
     }
     buf_append_char(&b, ']');
-    if (b.oom) {
-        for (size_t i = 0; i < w->ncalls; i++)
-            dispatcher_answer_error(d, w->calls[i], 500, "internal_error", "out of memory");
-        buf_free(&b);
-        worker_reset(w);
+    if (batch_out_of_memory(d, w, &b))
         return;
-    }
     values[0] = b.data;
     d->auth_in_flight = true;
     worker_send(d, w, SQL_AUTH, 1, values);
