@@ -2,7 +2,7 @@
 -- Identity from the session, ordering, slots, served models, admin state and health.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(99);
+SELECT plan(103);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -290,6 +290,25 @@ SET SESSION AUTHORIZATION dispatch_node_gpu_h;
 SELECT lives_ok($$SELECT * FROM dispatch.register('fake', ARRAY['m1'], 4)$$, 'register without holding');
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT state FROM dispatch.jobs WHERE id = :k1), 'leased', 'register without holding takes nothing back');
+
+-- Poll stamps are renewed at most once a second (a write per round trip would cost a
+-- row version each time), and the round trip runs on generic plans only.
+UPDATE dispatch.nodes SET last_poll_started_at = now() - interval '0.5 s',
+                          last_poll_completed_at = now() - interval '0.5 s' WHERE id = :node_h;
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+SELECT lives_ok($$SELECT * FROM dispatch.exchange(NULL, 1)$$, 'exchange with a stamp half a second old');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT last_poll_completed_at FROM dispatch.nodes WHERE id = :node_h), now() - interval '0.5 s',
+          'exchange: a poll stamp younger than a second is left alone');
+UPDATE dispatch.nodes SET last_poll_completed_at = now() - interval '1.5 s' WHERE id = :node_h;
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+SELECT * FROM dispatch.exchange(NULL, 1) \g /dev/null
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT last_poll_started_at = now() AND last_poll_completed_at >= now() FROM dispatch.nodes WHERE id = :node_h),
+          true, 'exchange: an older poll stamp is renewed');
+SELECT ok((SELECT 'plan_cache_mode=force_generic_plan' = ANY (proconfig) FROM pg_proc
+           WHERE oid = 'dispatch.exchange(json,integer)'::regprocedure),
+          'exchange runs with generic plans (nothing is planned per call)');
 
 SELECT * FROM finish();
 ROLLBACK;
