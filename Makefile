@@ -112,14 +112,14 @@ migrate: ## apply sql/NNN_*.sql to the database in DATABASE_URL (or the PG* envi
 clean: ## remove build output
 	rm -rf $(BUILD)
 
-# Benchmarks (../shared/BENCHMARKS.md): `make bench` measures B1-B8 into bench/RESULTS.md;
+# Benchmarks (../shared/BENCHMARKS.md): `make bench` measures B1-B9 into bench/RESULTS.md;
 # `make bench B=B4` (or B="B1 B6") runs only those; bench/out/ keeps logs and raw JSON.
 .PHONY: bench
 $(BUILD)/loadgen: bench/loadgen.c
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/loadgen.c -lm
 
-bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B8 into bench/RESULTS.md (one: B=B4)
+bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
 
 .PHONY: test-compose

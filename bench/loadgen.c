@@ -2,7 +2,12 @@
  * One thread, epoll, non-blocking sockets, keep-alive. Open-loop mode sends on a fixed
  * schedule and counts latency from the scheduled send time (coordinated omission cannot
  * hide a stall); closed-loop mode keeps N connections busy for peak throughput. Latencies
- * go into a log-linear histogram (about 0.1 % precision); the result is one JSON object. */
+ * go into a log-linear histogram (about 0.1 % precision); the result is one JSON object.
+ * With --stream each 2xx answer is also read as text/event-stream: the time from the send
+ * (open loop: the scheduled send) to the first `data:` event (TTFT) and to the first event
+ * with non-empty "content", and every gap between consecutive `data:` events up to and
+ * including `data: [DONE]`, go into histograms of their own; an answer that ends without
+ * `data: [DONE]` counts as an error. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -127,6 +132,7 @@ static struct {
     int max_conns;      /* open loop: cap on connections */
     double timeout;     /* per request, seconds */
     double drain;       /* seconds to wait for in-flight requests after the window */
+    bool stream;        /* read 2xx bodies as server-sent events (TTFT, inter-event gaps) */
     const char *label;
     const char *out;
 } opt = {
@@ -168,6 +174,19 @@ typedef struct conn {
     bool want_out;        /* EPOLLOUT armed */
     char *rbuf;
     size_t rlen, rcap;
+    /* --stream: the SSE reader of the current answer (see sse_feed) */
+    char sse_head[16];    /* first bytes of the current line */
+    size_t sse_len;       /* bytes in the current line so far */
+    bool sse_cr;          /* the last byte was CR (a following LF ends nothing more) */
+    bool sse_data_line;   /* the current line starts with "data:" */
+    int sse_match;        /* bytes of CONTENT_KEY matched so far on this data line */
+    bool ev_data;         /* the current event has a data line */
+    bool ev_done;         /* ... and it is [DONE] */
+    bool ev_content;      /* ... and it carries non-empty "content" */
+    uint64_t events;      /* data events of this answer */
+    int64_t last_ev_ns;   /* when the previous data event ended */
+    bool content_seen;    /* first-content time recorded */
+    bool saw_done;        /* data: [DONE] arrived */
 } conn_t;
 
 #define MAX_STATUS 600
@@ -194,6 +213,10 @@ static struct {
     /* results */
     hist_t lat;           /* 2xx responses in the window */
     hist_t lag;           /* open loop: actual send minus scheduled send */
+    hist_t ttft;          /* --stream: origin to the first data event */
+    hist_t ttfc;          /* --stream: origin to the first event with non-empty content */
+    hist_t gap;           /* --stream: between consecutive data events of one answer */
+    uint64_t streams_done, events_window, err_stream;
     uint64_t sent, sent_window, completed_window, ok_window;
     uint64_t status_count[MAX_STATUS];
     uint64_t err_connect, err_reset, err_timeout, err_parse;
@@ -350,6 +373,13 @@ static void conn_send(conn_t *c, int64_t origin, int64_t now)
     c->ps = P_HEAD;
     c->status = 0;
     c->close_after = false;
+    c->sse_len = 0;
+    c->sse_cr = c->sse_data_line = false;
+    c->sse_match = 0;
+    c->ev_data = c->ev_done = c->ev_content = false;
+    c->events = 0;
+    c->last_ev_ns = 0;
+    c->content_seen = c->saw_done = false;
     g.sent++;
     if (c->record) {
         g.sent_window++;
@@ -412,6 +442,12 @@ static void response_done(conn_t *c, int64_t now)
         if (c->status >= 200 && c->status < 300) {
             g.ok_window++;
             hist_add(&g.lat, now - c->origin_ns);
+            if (opt.stream) {
+                if (c->saw_done)
+                    g.streams_done++;
+                else
+                    g.err_stream++;
+            }
         }
     }
     if (!(c->status >= 200 && c->status < 300) && g.err_sample_len > 0)
@@ -422,6 +458,102 @@ static void response_done(conn_t *c, int64_t now)
         return;
     }
     conn_set_state(c, C_IDLE);
+}
+
+/* ------------------------------------------------------------- --stream: SSE ---
+ * A byte-at-a-time reader of text/event-stream (lines end in LF, CR or CRLF; a blank
+ * line ends an event; only events with a data line count). It keeps the first bytes of
+ * each line (enough to see "data:" and "[DONE]") and, on data lines, a matcher for
+ * "content":" followed by anything but a quote (a non-empty content delta). */
+static const char CONTENT_KEY[] = "\"content\":\"";
+#define CONTENT_KEY_LEN (sizeof CONTENT_KEY - 1)
+
+/* A data event ended at `now`. */
+static void sse_event(conn_t *c, int64_t now)
+{
+    c->events++;
+    if (c->record) {
+        g.events_window++;
+        if (c->events == 1)
+            hist_add(&g.ttft, now - c->origin_ns);
+        else
+            hist_add(&g.gap, now - c->last_ev_ns);
+        if (c->ev_content && !c->content_seen)
+            hist_add(&g.ttfc, now - c->origin_ns);
+    }
+    if (c->ev_content)
+        c->content_seen = true;
+    if (c->ev_done)
+        c->saw_done = true;
+    c->last_ev_ns = now;
+}
+
+static void sse_line_end(conn_t *c, int64_t now)
+{
+    if (c->sse_len == 0) {
+        if (c->ev_data)
+            sse_event(c, now);
+        c->ev_data = c->ev_done = c->ev_content = false;
+    } else if (c->sse_data_line) {
+        const char *v = c->sse_head + 5;
+        size_t vl = c->sse_len - 5;
+        if (vl > 0 && *v == ' ') {
+            v++;
+            vl--;
+        }
+        c->ev_data = true;
+        if (vl == 6 && memcmp(v, "[DONE]", 6) == 0)
+            c->ev_done = true;
+    }
+    c->sse_len = 0;
+    c->sse_data_line = false;
+    c->sse_match = 0;
+}
+
+/* One step of the "content":" matcher. The key's only repeated byte is the quote that
+ * starts it, so after a mismatch the longest match still possible is the quote just
+ * seen (then this byte is tried as the key's second) or nothing (then as its first). */
+static void sse_match_step(conn_t *c, char ch)
+{
+    int k = c->sse_match;
+    if (k == (int)CONTENT_KEY_LEN) {
+        if (ch != '"')
+            c->ev_content = true;
+        k = 1; /* the key's closing quote may open the next match */
+    }
+    if (ch == CONTENT_KEY[k]) {
+        c->sse_match = k + 1;
+        return;
+    }
+    if (k > 0 && CONTENT_KEY[k - 1] == '"' && ch == CONTENT_KEY[1])
+        c->sse_match = 2;
+    else
+        c->sse_match = ch == CONTENT_KEY[0] ? 1 : 0;
+}
+
+static void sse_feed(conn_t *c, const char *p, size_t n, int64_t now)
+{
+    if (c->status < 200 || c->status >= 300)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char ch = p[i];
+        if (ch == '\n' && c->sse_cr) {
+            c->sse_cr = false;
+            continue;
+        }
+        c->sse_cr = ch == '\r';
+        if (ch == '\r' || ch == '\n') {
+            sse_line_end(c, now);
+            continue;
+        }
+        if (c->sse_len < sizeof c->sse_head)
+            c->sse_head[c->sse_len] = ch;
+        c->sse_len++;
+        if (c->sse_len == 5)
+            c->sse_data_line = memcmp(c->sse_head, "data:", 5) == 0;
+        else if (c->sse_len > 5 && c->sse_data_line)
+            sse_match_step(c, ch);
+    }
 }
 
 static bool header_is(const char *line, size_t len, const char *name, const char **value)
@@ -531,6 +663,8 @@ static bool conn_parse(conn_t *c, int64_t now)
         } else if (c->ps == P_LEN || c->ps == P_CHUNK_DATA) {
             size_t take = avail < (uint64_t)c->remaining ? avail : (size_t)c->remaining;
             sample_error_body(c, p, take);
+            if (opt.stream)
+                sse_feed(c, p, take, now);
             off += take;
             c->remaining -= (int64_t)take;
             if (c->remaining > 0)
@@ -544,6 +678,8 @@ static bool conn_parse(conn_t *c, int64_t now)
             }
         } else if (c->ps == P_EOF) {
             sample_error_body(c, p, avail);
+            if (opt.stream)
+                sse_feed(c, p, avail, now);
             off += avail;
             break;
         } else if (c->ps == P_CHUNK_CRLF) {
@@ -600,6 +736,8 @@ static void conn_readable(conn_t *c, int64_t now)
         ssize_t n = recv(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen, 0);
         if (n > 0) {
             c->rlen += (size_t)n;
+            if (opt.stream)
+                now = now_ns(); /* events are timed at their arrival, not at the epoll wake-up */
             if (!conn_parse(c, now))
                 return;
             if (c->state == C_FREE)
@@ -811,16 +949,27 @@ static void report(int64_t window_ns, uint64_t unsent, uint64_t inflight)
     uint64_t non2xx = g.completed_window - g.ok_window;
     fprintf(f, "},\n  \"errors\": {\"non_2xx\": %" PRIu64 ", \"connect\": %" PRIu64 ", \"reset\": %" PRIu64
                ", \"timeout\": %" PRIu64 ", \"parse\": %" PRIu64 ", \"unsent\": %" PRIu64
-               ", \"unfinished\": %" PRIu64 "},\n",
-            non2xx, g.err_connect, g.err_reset, g.err_timeout, g.err_parse, unsent, inflight);
+               ", \"unfinished\": %" PRIu64 ", \"stream_incomplete\": %" PRIu64 "},\n",
+            non2xx, g.err_connect, g.err_reset, g.err_timeout, g.err_parse, unsent, inflight, g.err_stream);
     fprintf(f, "  \"error_total\": %" PRIu64 ",\n",
-            non2xx + g.err_reset + g.err_timeout + g.err_parse + unsent + inflight);
+            non2xx + g.err_reset + g.err_timeout + g.err_parse + unsent + inflight + g.err_stream);
     fprintf(f, "  \"connections_opened\": %" PRIu64 ",\n  \"peak_busy_connections\": %d,\n", g.conns_opened,
             g.peak_busy);
     print_hist(f, "latency_ms", &g.lat);
     if (opt.mode == MODE_OPEN) {
         fprintf(f, ",\n");
         print_hist(f, "send_lag_ms", &g.lag);
+    }
+    if (opt.stream) {
+        fprintf(f, ",\n  \"stream\": {\"streams_done\": %" PRIu64 ", \"events\": %" PRIu64
+                   ", \"events_per_stream\": %.2f},\n",
+                g.streams_done, g.events_window,
+                g.ok_window ? (double)g.events_window / (double)g.ok_window : 0.0);
+        print_hist(f, "ttft_ms", &g.ttft);
+        fprintf(f, ",\n");
+        print_hist(f, "first_content_ms", &g.ttfc);
+        fprintf(f, ",\n");
+        print_hist(f, "inter_event_ms", &g.gap);
     }
     fprintf(f, ",\n  \"error_sample\": ");
     json_str(f, g.err_sample, g.err_sample_len);
@@ -844,9 +993,12 @@ static void usage(void)
             "  --max-connections N open loop: most connections (default 1024)\n"
             "  --timeout S         per-request timeout (default 30)\n"
             "  --drain S           wait for in-flight requests after the window (default: timeout)\n"
+            "  --stream            read 2xx answers as text/event-stream: TTFT (first data event), first\n"
+            "                      non-empty content, gaps between data events; no data: [DONE] = error\n"
             "  --label TEXT        copied into the JSON\n"
             "  --out FILE          write the JSON there instead of stdout\n"
-            "Output: one JSON object; latency percentiles of 2xx responses in ms; errors by kind and status.\n");
+            "Output: one JSON object; latency percentiles of 2xx responses in ms; errors by kind and status.\n"
+            "With --stream also ttft_ms, first_content_ms, inter_event_ms and stream counts.\n");
     exit(2);
 }
 
@@ -861,6 +1013,7 @@ int main(int argc, char **argv)
         { "max-connections", required_argument, 0, 'N' }, { "timeout", required_argument, 0, 't' },
         { "drain", required_argument, 0, 'D' },         { "label", required_argument, 0, 'l' },
         { "out", required_argument, 0, 'o' },           { "help", no_argument, 0, 'h' },
+        { "stream", no_argument, 0, 'S' },
         { 0, 0, 0, 0 },
     };
     opt.headers = calloc((size_t)argc, sizeof(char *));
@@ -882,6 +1035,7 @@ int main(int argc, char **argv)
         case 'D': opt.drain = atof(optarg); break;
         case 'l': opt.label = optarg; break;
         case 'o': opt.out = optarg; break;
+        case 'S': opt.stream = true; break;
         default: usage();
         }
     }
@@ -921,6 +1075,9 @@ int main(int argc, char **argv)
     g.nstate[C_FREE] = g.nconns_cap;
     hist_init(&g.lat);
     hist_init(&g.lag);
+    hist_init(&g.ttft);
+    hist_init(&g.ttfc);
+    hist_init(&g.gap);
     g.ep = epoll_create1(EPOLL_CLOEXEC);
     g.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     struct epoll_event tev = { .events = EPOLLIN, .data.ptr = NULL };

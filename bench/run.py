@@ -399,12 +399,13 @@ class Bench:
         return path
 
     # -- processes ------------------------------------------------------------
-    def provider(self, tag, latency_ms=0, models=(MODEL,), slots=1000):
+    def provider(self, tag, latency_ms=0, models=(MODEL,), slots=1000, extra=()):
         port = pgharness.free_port()
         argv = [self.binary("fake-provider"), "--port", str(port), "--models", ",".join(models),
                 "--slots", str(slots), "--log-level", "warn"]
         if latency_ms:
             argv += ["--latency-ms", str(latency_ms)]
+        argv += list(extra)
         p = Proc("provider-" + tag, argv, self.out)
         p.url = "http://127.0.0.1:%d" % port
         wait_until(lambda: http_get(p.url + "/health")[0] == 200, 20, "the fake provider", p)
@@ -434,7 +435,7 @@ class Bench:
         return p
 
     def loadgen(self, label, url, rate=None, closed=None, duration=10.0, warmup=0.0, timeout=30.0,
-                drain=None, headers=(), body=None, max_connections=None):
+                drain=None, headers=(), body=None, max_connections=None, stream=False):
         out = os.path.join(self.out, "loadgen-%s.json" % label)
         argv = [self.binary("loadgen"), "--url", url, "--duration", str(duration),
                 "--warmup", str(warmup), "--timeout", str(timeout), "--label", label, "--out", out,
@@ -444,6 +445,8 @@ class Bench:
             argv += ["--drain", str(drain)]
         if max_connections:
             argv += ["--max-connections", str(max_connections)]
+        if stream:
+            argv.append("--stream")
         for h in headers:
             argv += ["-H", h]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 300)
@@ -1311,9 +1314,93 @@ def refresh_b8_target(store):
     f["note"] = "target: B1 concurrency-10 median of the B1 in this report (%s, %.0f jobs/s)" % (b1.get("date"), med)
 
 
+B9_LEVELS = (1, 50, 200)
+B9_CHUNKS = 16              # content deltas per streamed reply (the fake provider's --stream-chunks)
+B9_INTERVAL_MS = 20         # pause between the provider's stream events (--stream-interval-ms)
+# "echo: hello world, streaming" has 28 characters, enough for 16 content deltas; with the
+# role event, the finish event and [DONE], each stream is 19 data events, 18 gaps apart.
+B9_BODY = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hello world, streaming"}]}
+
+
 def w_b9(bench, w):
-    w.notes.append("not yet measured: the B9 workload is not written yet (streaming itself works)")
-    return w.result([], [], {"not_yet": "the B9 workload is not written yet (streaming itself works)"})
+    """Closed loop: N connections, each streaming one reply after another, for a fixed
+    window; gateway and direct runs alternate at each level within one repeat."""
+    raw = []
+    span = bench.n(15.0, 3.0)
+    warm = bench.n(2.0, 1.0)
+    conc = 256  # the daemon runs every one of 200 streams at once, with room to spare
+    for rep in w.repeats(est_s=2 * len(B9_LEVELS) * (span + warm + 3) + 15):
+        with w.attempt("repeat %d" % rep):
+            provider = bench.provider("b9_r%d" % rep, extra=["--stream-chunks", str(B9_CHUNKS),
+                                                             "--stream-interval-ms", str(B9_INTERVAL_MS)])
+            db = bench.new_db("b9_r%d" % rep)
+            d = bench.daemon(db, "b9r%d" % rep, provider, conc)
+            g = None
+            r = {"repeat": rep, "runs": {}, "stages": {}, "cpu_s": {}}
+            try:
+                g = bench.gateway(db)
+                gw_url = g.url + "/v1/chat/completions"
+                direct_url = provider.url + "/v1/chat/completions"
+                bench.loadgen("b9-r%d-warm" % rep, gw_url, closed=4, duration=1, body=B9_BODY, stream=True)
+                for n in B9_LEVELS:
+                    for path, url in (("gateway", gw_url), ("direct", direct_url)):
+                        key = "%s_%d" % (path, n)
+                        c0 = cpu_sample(bench, [d, g, provider])
+                        t_a = time.time()
+                        lg = bench.loadgen("b9-r%d-%s-%d" % (rep, path, n), url, closed=n, duration=span,
+                                           warmup=warm, body=B9_BODY, stream=True)
+                        r["cpu_s"][key] = cpu_delta(c0, cpu_sample(bench, [d, g, provider]))
+                        r["runs"][key] = lg
+                        if path == "gateway":
+                            r["stages"][str(n)] = job_stages(db, t_a + warm, time.time())
+                    gw, di = r["runs"]["gateway_%d" % n], r["runs"]["direct_%d" % n]
+                    for hist, p, tag in (("ttft_ms", "p50", "ttft_p50"), ("ttft_ms", "p99", "ttft_p99"),
+                                         ("first_content_ms", "p50", "content_p50"),
+                                         ("inter_event_ms", "p50", "gap_p50"), ("inter_event_ms", "p99", "gap_p99"),
+                                         ("inter_event_ms", "p999", "gap_p999")):
+                        a, b = gw[hist].get(p), di[hist].get(p)
+                        r["added_%s_%d" % (tag, n)] = rnd(a - b, 4) if a is not None and b is not None else None
+                        r["ratio_%s_%d" % (tag, n)] = rnd(a / b, 2) if a and b else None
+                    log("B9 r%d %d streams: TTFT p50 gateway %.3f direct %.3f ms; inter-chunk p99 gateway %.3f "
+                        "direct %.3f ms; streams %d/%d; errors %d/%d" % (
+                            rep, n, gw["ttft_ms"].get("p50", -1), di["ttft_ms"].get("p50", -1),
+                            gw["inter_event_ms"].get("p99", -1), di["inter_event_ms"].get("p99", -1),
+                            gw["stream"]["streams_done"], di["stream"]["streams_done"],
+                            gw["error_total"], di["error_total"]))
+                r["gateway_hwm_kb"] = g.status_kb("VmHWM")
+                r["daemon_hwm_kb"] = d.status_kb("VmHWM")
+            finally:
+                if g:
+                    g.stop()
+                d.stop()
+                provider.stop()
+            raw.append(r)
+    v = lambda k: [r.get(k) for r in raw]  # noqa: E731
+    figs = []
+    for n in B9_LEVELS:
+        s = "" if n == 1 else "s"
+        figs += [
+            figure("added TTFT p50, %d stream%s (gateway − direct)" % (n, s), v("added_ttft_p50_%d" % n), "ms",
+                   "<=", 3.0, fmt="%.3f"),
+            figure("TTFT ratio p50, %d stream%s (gateway ÷ direct)" % (n, s), v("ratio_ttft_p50_%d" % n), "×",
+                   fmt="%.2f"),
+            figure("added inter-chunk p99, %d stream%s (gateway − direct)" % (n, s), v("added_gap_p99_%d" % n),
+                   "ms", "<=", 25.0, fmt="%.3f"),
+            figure("inter-chunk ratio p99, %d stream%s (gateway ÷ direct)" % (n, s), v("ratio_gap_p99_%d" % n),
+                   "×", fmt="%.2f"),
+        ]
+    w.notes.append("closed loop: N connections each stream one reply after another for %.0f s (after %.0f s "
+                   "not recorded); TTFT is counted from the moment the request was written. The provider sends "
+                   "%d data events per reply (a role event at once, %d content deltas, a finish event, "
+                   "[DONE]) %d ms apart; daemon --max-concurrency %d, gateway with its defaults"
+                   % (span, warm, B9_CHUNKS + 3, B9_CHUNKS, B9_INTERVAL_MS, conc))
+    for r in raw:
+        for k, lg in sorted(r["runs"].items()):
+            if lg["error_total"]:
+                w.errors.append("repeat %d %s: %d errors %s (sample: %s)" % (
+                    r["repeat"], k, lg["error_total"], lg["errors"], lg["error_sample"][:200]))
+    return w.result(figs, raw, {"stream_chunks": B9_CHUNKS, "stream_interval_ms": B9_INTERVAL_MS,
+                                "window_s": span, "warmup_s": warm})
 
 
 # --------------------------------------------------------- physical limits ---
@@ -1691,8 +1778,68 @@ def details_b8(a, r):
             lo.get("notifying_commits_per_job"), lo["submit_to_lease_ms"]["p50"], lo["submit_to_lease_ms"]["p99"]))
 
 
+def details_b9(a, r):
+    a("| repeat | streams | path | streams ok | streams/s | errors | data events/stream | TTFT p50 / p99 ms | "
+      "first content p50 ms | inter-chunk p50 / p99 / p99.9 / max ms | machine busy |")
+    a("|---|---|---|---|---|---|---|---|---|---|---|")
+    for x in r["raw"]:
+        for n in B9_LEVELS:
+            for path in ("gateway", "direct"):
+                lg = x["runs"].get("%s_%d" % (path, n))
+                if not lg:
+                    continue
+                t, c, ie = lg["ttft_ms"], lg["first_content_ms"], lg["inter_event_ms"]
+                ms = lambda h, p: fmt_val(h.get(p), "%.3f")  # noqa: E731
+                a("| %s | %s | %s | %s | %.1f | %s | %s | %s / %s | %s | %s / %s / %s / %s | %s %% |" % (
+                    x["repeat"], n, path, lg["stream"]["streams_done"], lg["ok_rate"], lg["error_total"],
+                    lg["stream"]["events_per_stream"], ms(t, "p50"), ms(t, "p99"), ms(c, "p50"), ms(ie, "p50"),
+                    ms(ie, "p99"), ms(ie, "p999"), ms(ie, "max"),
+                    x["cpu_s"].get("%s_%d" % (path, n), {}).get("machine_busy_pct")))
+    a("")
+    a("Gateway minus direct, per repeat (ratio gateway ÷ direct in brackets):")
+    a("")
+    a("| repeat | streams | TTFT p50 | TTFT p99 | first content p50 | inter-chunk p50 | inter-chunk p99 | "
+      "inter-chunk p99.9 |")
+    a("|---|---|---|---|---|---|---|---|")
+    for x in r["raw"]:
+        for n in B9_LEVELS:
+            cell = lambda tag: "%s (%s×)" % (fmt_val(x.get("added_%s_%d" % (tag, n)), "%+.3f"),  # noqa: E731
+                                             fmt_val(x.get("ratio_%s_%d" % (tag, n)), "%.2f"))
+            a("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                x["repeat"], n, cell("ttft_p50"), cell("ttft_p99"), cell("content_p50"), cell("gap_p50"),
+                cell("gap_p99"), cell("gap_p999")))
+    a("")
+    a("Where a gateway stream's first token waits (jobs of the gateway runs, from the jobs table): "
+      "created→started = the submit's commit, the daemon's wake-up and its lease; the provider's first "
+      "event leaves at once after that, so the rest of the added TTFT is the relay (dispatch.stream, NOTIFY, "
+      "the gateway's listener) and the gateway's own handling. started→finished is the whole stream "
+      "(18 gaps of %d ms at the provider) plus the completing exchange." % r.get("stream_interval_ms", 20))
+    a("")
+    a("| repeat | streams | jobs | created→started p50/p99 ms | started→finished p50/p99 ms | gateway TTFT p50/p99 ms |"
+      " CPU s in the run: gateway / daemon / provider / PostgreSQL |")
+    a("|---|---|---|---|---|---|---|")
+    for x in r["raw"]:
+        for n in B9_LEVELS:
+            st = x["stages"].get(str(n))
+            lg = x["runs"].get("gateway_%d" % n)
+            if not st or not lg:
+                continue
+            c = x["cpu_s"].get("gateway_%d" % n, {})
+            pick = lambda pre: sum(v for k, v in c.items() if k.startswith(pre))  # noqa: E731
+            a("| %s | %s | %s | %s/%s | %s/%s | %s/%s | %.2f / %.2f / %.2f / %.2f |" % (
+                x["repeat"], n, st["created_to_started_ms"]["n"], st["created_to_started_ms"]["p50"],
+                st["created_to_started_ms"]["p99"], st["started_to_finished_ms"]["p50"],
+                st["started_to_finished_ms"]["p99"], fmt_val(lg["ttft_ms"].get("p50"), "%.3f"),
+                fmt_val(lg["ttft_ms"].get("p99"), "%.3f"),
+                pick("gateway"), pick("daemon"), pick("provider"), c.get("postgresql", 0)))
+    last = r["raw"][-1]
+    a("")
+    a("Gateway VmHWM %s kB, daemon VmHWM %s kB after the last repeat." % (last.get("gateway_hwm_kb"),
+                                                                        last.get("daemon_hwm_kb")))
+
+
 DETAILS = {"B1": details_drain, "B2": details_b2, "B3": details_b3, "B4": details_b4, "B5": details_b5,
-           "B7": details_b7, "B8": details_b8}
+           "B7": details_b7, "B8": details_b8, "B9": details_b9}
 
 METHOD = [
     "**Setup.** One private PostgreSQL 15 per run (tests/pgharness.py: fsync on, synchronous_commit on, "
@@ -1742,6 +1889,18 @@ METHOD = [
     "alternate in the same repeat, with the same body, rate, and duration; added latency is the difference "
     "of the percentiles, and the ratio is given beside it. Peak: closed loop at a few connection counts, "
     "the best throughput whose p99 stayed under 50 ms and had no errors.",
+    "**Streaming (B9).** bench/loadgen --stream, closed loop: N connections (1, 50, 200), each sending "
+    "`\"stream\": true` chat requests one after another for a fixed window; gateway and direct runs "
+    "alternate at each N within a repeat, with the same body and window. The fake provider answers each "
+    "with 19 server-sent events (role, %d content deltas, finish, `data: [DONE]`) %d ms apart, the first "
+    "at once. The client reads each 2xx body as text/event-stream and times every `data:` event when the "
+    "bytes that end it arrive: TTFT = request written → first `data:` event (the time to first content "
+    "event is recorded too); inter-chunk = the gap between consecutive `data:` events of one stream, up to "
+    "and including `[DONE]`, all gaps of all streams in one histogram. A stream without `[DONE]` is an "
+    "error. Added = gateway percentile − direct percentile of the same repeat, ratio beside it. Closed "
+    "loop means a slower path also offers fewer streams per second (shown as streams/s): TTFT is counted "
+    "from the actual send, which in a closed loop is when the connection's previous stream ended." % (
+        B9_CHUNKS, B9_INTERVAL_MS),
     "**Lease call (B5).** The daemon's round trip is `dispatch.exchange` (complete what finished, lease "
     "more). Its server-side duration distribution comes from log_min_duration_statement = 0, switched on "
     "with ALTER SYSTEM only during a separate phase of each repeat, so logging does not touch the jobs/s "
@@ -1811,7 +1970,7 @@ def main():
         "B6": "statements and notifying commits per job (B1, B4-peak)",
         "B7": "1,000 requests waiting on a 5 s provider: peak RSS",
         "B8": "8 daemons, one model: 20,000 in bulk, then 10 % load",
-        "B9": "streaming",
+        "B9": "streaming: 1, 50 and 200 concurrent streams through the gateway vs direct",
     }
     for wid in order:
         w = Workload(bench, wid, titles[wid])
