@@ -2,7 +2,7 @@
 -- function open to PUBLIC, SECURITY DEFINER on every function a role may call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(7);
+SELECT plan(8);
 
 SELECT has_schema('dispatch');
 
@@ -16,6 +16,12 @@ SELECT is_empty($$
     WHERE p.pronamespace = 'dispatch'::regnamespace
       AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)
 $$, 'every dispatch function pins search_path to pg_catalog, pg_temp');
+
+SELECT is_empty($$
+    SELECT p.oid::regprocedure::text FROM pg_proc p
+    WHERE p.pronamespace = 'dispatch'::regnamespace
+      AND NOT coalesce(p.proconfig @> ARRAY['jit=off'], false)
+$$, 'no dispatch function JIT-compiles (compiling costs ~100 ms per call once tables are large)');
 
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
