@@ -459,6 +459,13 @@ class Bench:
         time.sleep(1.5 if self.quick else SETTLE_S)
 
 
+def stop_procs(*procs):
+    """Stops the workload's processes that were started (None: never started)."""
+    for p in procs:
+        if p is not None:
+            p.stop()
+
+
 def cpu_sample(bench, procs):
     """CPU seconds so far of the given processes, of all PostgreSQL processes, and
     of the machine."""
@@ -1019,10 +1026,7 @@ def w_b4(bench, w):
                                                     lg["statements_per_job"] or -1,
                                                     lg["notifying_commits_per_job"] or -1))
             finally:
-                if g:
-                    g.stop()
-                d.stop()
-                provider.stop()
+                stop_procs(g, d, provider)
             raw.append(r)
     v = lambda k: [r.get(k) for r in raw]  # noqa: E731
     figs = [
@@ -1370,10 +1374,7 @@ def w_b9(bench, w):
                 r["gateway_hwm_kb"] = g.status_kb("VmHWM")
                 r["daemon_hwm_kb"] = d.status_kb("VmHWM")
             finally:
-                if g:
-                    g.stop()
-                d.stop()
-                provider.stop()
+                stop_procs(g, d, provider)
             raw.append(r)
     v = lambda k: [r.get(k) for r in raw]  # noqa: E731
     figs = []
@@ -1594,6 +1595,12 @@ def write_report(data):
                 wid, f["name"], target_text(f), med, f["unit"] if f["median"] is not None else "",
                 verdict_text(f["pass"]), ", ".join(fmt_val(v, f["fmt"]) for v in f["values"])))
     a("")
+    # What was changed after a miss, and what it bought: written by hand, quoted here.
+    changes = os.path.join(HERE, "CHANGES.md")
+    if os.path.exists(changes):
+        with open(changes) as f:
+            a(f.read().rstrip("\n"))
+        a("")
     for wid in WORKLOADS:
         r = ws.get(wid)
         if not r:

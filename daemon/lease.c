@@ -5,6 +5,7 @@
 #include "lease.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -319,6 +320,28 @@ void lease_text_array(buf_t *out, const char *const *items, size_t count)
         buf_append_char(out, '"');
     }
     buf_append_char(out, '}');
+}
+
+bool lease_wake_names(const char *payload, int node_id)
+{
+    const char *p = payload ? payload : "";
+
+    if (*p == '\0')
+        return true;
+    while (*p) {
+        long id = 0;
+        const char *start = p;
+
+        while (*p >= '0' && *p <= '9' && id <= INT_MAX)
+            id = id * 10 + (*p++ - '0');
+        if (p == start || id > INT_MAX || (*p != ',' && *p != '\0'))
+            return true;
+        if (id == node_id)
+            return true;
+        if (*p == ',')
+            p++;
+    }
+    return false;
 }
 
 int lease_split_list(const char *text, char ***out)

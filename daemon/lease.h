@@ -106,6 +106,11 @@ typedef struct {
 /* Parses row i of an exchange result. Returns false when the row is malformed. */
 bool lease_row_parse(const PGresult *res, int i, lease_row_t *out);
 
+/* Whether a wake notification on a model channel is for this node: its payload is
+ * empty (every node serving the model) or a comma-separated list of node ids. A
+ * payload that is not such a list wakes every node: waking too many is only cost. */
+bool lease_wake_names(const char *payload, int node_id);
+
 /* Writes a PostgreSQL array literal of the given strings ({"a","b"}) into out. */
 void lease_text_array(buf_t *out, const char *const *items, size_t count);
 /* Splits a comma-separated list (spaces trimmed, empties skipped) into a malloc'ed

@@ -32,6 +32,7 @@
 #define MAX_BATCH_OUTCOMES 1000      /* outcomes per exchange */
 #define MAX_BATCH_CHUNKS 1000        /* stream pieces per dispatch.stream call */
 #define MAX_HOLD_US 5000             /* longest an outcome waits for others to join its exchange */
+#define STANDBY_WAKE_MS 1000         /* a wake for other nodes: look this much later if none has */
 
 /* The database connection's life; only db_set_state() changes it. */
 typedef enum {
@@ -115,6 +116,7 @@ typedef struct {
     bool need_exchange;
     int exchange_max_jobs;
     int64_t wake_at;             /* 0: sleep until a notification */
+    int64_t standby_at;          /* look then unless a lease happened since (work woke other nodes) */
     int64_t first_outcome_us;    /* when the oldest unsent outcome arrived (monotonic us) */
     int64_t hold_until_us;       /* an exchange is held until then for more outcomes; 0: none */
     int64_t exchange_sent_us;
@@ -476,8 +478,10 @@ static void send_exchange(daemon_t *d, int max_jobs, size_t ready)
     values[0] = d->param.data;
     values[1] = max;
     d->exchange_max_jobs = max_jobs;
-    if (max_jobs > 0)
+    if (max_jobs > 0) {
         d->need_exchange = false;
+        d->standby_at = 0;           /* this exchange looks at the queue as it is now */
+    }
     d->exchanges++;
     d->hold_until_us = 0;
     d->exchange_sent_us = clock_monotonic_us();
@@ -1100,7 +1104,14 @@ static void on_notify(daemon_t *d, const PGnotify *n)
             log_debug("job_cancelled", "job=%" PRId64 " next=transfer_aborted", id);
         return;
     }
-    d->need_exchange = true;
+    /* A submit names the nodes it wakes (an empty payload wakes all). One not named
+     * looks anyway a little later, in case every named node died before it could:
+     * work never waits on a node that is gone. */
+    if (lease_wake_names(n->extra, d->node_id)) {
+        d->need_exchange = true;
+    } else if (d->standby_at == 0) {
+        d->standby_at = clock_monotonic_ms() + STANDBY_WAKE_MS;
+    }
 }
 
 static void db_io(daemon_t *d, short revents)
@@ -1199,6 +1210,10 @@ static int run_timers(daemon_t *d, int64_t now)
         d->wake_at = 0;
         d->need_exchange = true;
     }
+    if (d->standby_at && now >= d->standby_at) {
+        d->standby_at = 0;
+        d->need_exchange = true;
+    }
     /* Deadlines passed: abort and report, not retryable. */
     for (size_t i = 0; i < provider_in_flight(d->prov);) {
         job_t *j = provider_job_at(d->prov, i);
@@ -1239,6 +1254,7 @@ static int run_timers(daemon_t *d, int64_t now)
     can_send = d->db == DB_READY && d->query == Q_NONE && now >= d->pause_until;
 
     t[nt++] = d->wake_at;
+    t[nt++] = d->standby_at;
     t[nt++] = d->next_probe_at;
     if (can_connect)
         t[nt++] = d->reconnect_at;

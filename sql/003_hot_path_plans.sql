@@ -19,6 +19,35 @@
 -- ~100 ms in the JIT compiler for a statement that runs in well under 1 ms.
 -- (A later CREATE OR REPLACE must repeat SET jit = off; catalog.sql checks it.)
 
+-- The earliest moment a node has reason to look, leaving out jobs the caller has
+-- just finished with (exchange asks in the same statement that settles them, and
+-- this function, being STABLE, sees the jobs as they were before it).
+CREATE FUNCTION dispatch._next_wake(n dispatch.nodes, p_gone bigint[]) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT least(
+        (SELECT min(r.run_at) FROM unnest(n.models) m(model),
+             LATERAL (SELECT j.run_at FROM dispatch.jobs j
+                      -- run_at > now() >= created_at: only jobs_delayed rows qualify.
+                      WHERE j.state = 'queued' AND j.model = m.model AND j.run_at > now()
+                        AND j.run_at > j.created_at AND j.id <> ALL (p_gone)
+                      ORDER BY j.run_at LIMIT 1) r),
+        (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
+         WHERE j.state = 'leased' AND j.model = ANY (n.models) AND j.id <> ALL (p_gone))));
+END
+$$;
+COMMENT ON FUNCTION dispatch._next_wake(dispatch.nodes, bigint[]) IS
+'Internal: earliest future moment a node has reason to look: a delayed retry on its
+models becoming due, or a lease on its models running out; jobs in p_gone are left out.';
+REVOKE EXECUTE ON FUNCTION dispatch._next_wake(dispatch.nodes, bigint[]) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION dispatch._next_wake(n dispatch.nodes) RETURNS timestamptz
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN dispatch._next_wake(n, '{}');
+END
+$$;
+
 CREATE OR REPLACE FUNCTION dispatch.exchange(p_outcomes json, p_max_jobs integer)
 RETURNS SETOF dispatch.exchange_row
 LANGUAGE plpgsql SECURITY DEFINER
@@ -26,24 +55,11 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 SET jit = off AS $$
 DECLARE
-    n dispatch.nodes;
-    v_now timestamptz := now();
-    v_lease interval;
-    v_slots integer;
-    v_out dispatch.exchange_row[] := '{}';
-    v_batch dispatch.exchange_row[];
-    v_ids bigint[];
-    v_done_ids bigint[];
-    v_done_channels text[];
-    v_wake_models text[];
-    v_more_ids bigint[];
-    v_more_channels text[];
-    v_more_models text[];
-    v_free integer;
+    v_row dispatch.exchange_row;
+    v_registered boolean := false;
     v_leased integer := 0;
-    v_want integer;
-    v_malformed bigint;
-    v_settled boolean := false;
+    v_again bigint := 0;
+    v_malformed bigint := 0;
 BEGIN
     IF p_max_jobs IS NULL OR p_max_jobs < 0 OR p_max_jobs > 10000 THEN
         RAISE EXCEPTION 'max_jobs must be between 0 and 10000, got %', p_max_jobs USING ERRCODE = '22023';
@@ -52,16 +68,23 @@ BEGIN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = '22023';
     END IF;
 
-    SELECT * INTO n FROM dispatch.nodes WHERE role_name = session_user;
-    IF NOT FOUND OR n.backend_pid IS DISTINCT FROM pg_backend_pid() THEN
-        n := dispatch._session_node(true);  -- raises the error that says what to do
-    END IF;
-
-    -- 1. Settle outcomes; (id, attempt) is the fencing token. id, attempt and
-    -- retryable are read as text and converted only when well formed, so a
-    -- malformed outcome is refused with 22023, never a cast error.
-    IF p_outcomes IS NOT NULL THEN
-        WITH o AS MATERIALIZED (
+    -- One statement does the whole round trip; the rows it returns are the caller's,
+    -- except one '_meta' row that reports what this function must still check.
+    FOR v_row IN
+        WITH me AS MATERIALIZED (
+            SELECT nd AS node, nd.id, nd.models, nd.last_poll_completed_at,
+                   p_max_jobs > 0 AND nd.admin_state = 'active' AND nd.health = 'healthy' AS may_lease,
+                   coalesce(nd.max_concurrency, st.default_slots) AS slots, st.lease
+            FROM dispatch.nodes nd,
+                 LATERAL (SELECT make_interval(secs => max(s.value) FILTER (WHERE s.key = 'lease_seconds')) AS lease,
+                                 max(s.value) FILTER (WHERE s.key = 'default_slots_per_node')::integer AS default_slots
+                          FROM dispatch.settings s WHERE s.key IN ('lease_seconds', 'default_slots_per_node')) st
+            WHERE nd.role_name = session_user AND nd.backend_pid = pg_backend_pid()
+        ),
+        -- 1. Settle outcomes; (id, attempt) is the fencing token. id, attempt and
+        -- retryable are read as text and converted only when well formed, so a
+        -- malformed outcome is refused with 22023, never a cast error.
+        o AS MATERIALIZED (
             SELECT CASE WHEN r.id !~ '^\d{1,19}$' THEN NULL
                         WHEN r.id::numeric > 9223372036854775807 THEN NULL ELSE r.id::bigint END AS id,
                    CASE WHEN r.attempt ~ '^\d{1,9}$' THEN r.attempt::integer END AS attempt,
@@ -74,135 +97,170 @@ BEGIN
         settled AS (
             UPDATE dispatch.jobs j SET
                 state = CASE WHEN o.error IS NULL THEN 'succeeded'
-                             WHEN j.deadline <= v_now THEN 'expired'
+                             WHEN j.deadline <= now() THEN 'expired'
                              WHEN o.retryable AND j.attempt < j.max_attempts THEN 'queued'
                              ELSE 'failed' END,
                 result = CASE WHEN o.error IS NULL THEN o.result END,
                 error = o.error,
                 run_at = CASE WHEN o.error IS NOT NULL AND o.retryable AND j.attempt < j.max_attempts
-                              THEN v_now + dispatch._backoff(j.attempt) ELSE j.run_at END,
+                              THEN now() + dispatch._backoff(j.attempt) ELSE j.run_at END,
                 finished_at = CASE WHEN o.error IS NOT NULL AND o.retryable AND j.attempt < j.max_attempts
-                                    AND (j.deadline IS NULL OR j.deadline > v_now)
+                                    AND (j.deadline IS NULL OR j.deadline > now())
                                    THEN NULL ELSE clock_timestamp() END,
                 lease_expires_at = NULL
-            FROM o
-            WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'leased' AND j.leased_by = n.id
-            RETURNING j.id, j.attempt, j.state, j.reply_channel, j.model
-        )
-        SELECT array_agg(s.id) FILTER (WHERE s.state <> 'queued'),
-               array_agg(s.reply_channel) FILTER (WHERE s.state <> 'queued'),
-               array_agg(s.model) FILTER (WHERE s.state = 'queued'),
-               array_cat(v_out, array_agg(ROW('stale', o.id, o.attempt, NULL, NULL, NULL, NULL, NULL)::dispatch.exchange_row)
-                                FILTER (WHERE s.id IS NULL)),
-               count(*) FILTER (WHERE o.id IS NULL OR o.attempt IS NULL OR (o.result IS NULL) = (o.error IS NULL)
-                                      OR jsonb_typeof(o.error) <> 'object' OR o.retryable IS NULL)
-        INTO v_done_ids, v_done_channels, v_wake_models, v_out, v_malformed
-        FROM o LEFT JOIN settled s ON s.id = o.id AND s.attempt = o.attempt;
-        v_settled := v_done_ids IS NOT NULL OR v_wake_models IS NOT NULL OR cardinality(v_out) > 0;
-        IF v_malformed > 0 THEN
-            RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
-                USING ERRCODE = '22023';
-        END IF;
-    END IF;
-
-    -- 2. Lease, if this node may take work.
-    IF p_max_jobs > 0 AND n.admin_state = 'active' AND n.health = 'healthy' THEN
-        -- Expired leases on this node's models go back first (their holders are gone
-        -- or stuck). The probe is one index range read that is empty almost always.
-        v_ids := ARRAY(SELECT j.id FROM dispatch.jobs j
-                       WHERE j.state = 'leased' AND j.lease_expires_at < v_now AND j.model = ANY (n.models)
-                       ORDER BY j.lease_expires_at LIMIT 1000
-                       FOR UPDATE SKIP LOCKED);
-        IF cardinality(v_ids) > 0 THEN
-            SELECT array_agg(b.id) FILTER (WHERE b.state <> 'queued'),
-                   array_agg(b.reply_channel) FILTER (WHERE b.state <> 'queued'),
-                   array_agg(b.model) FILTER (WHERE b.state = 'queued')
-            INTO v_more_ids, v_more_channels, v_more_models
-            FROM dispatch._take_back(v_ids, 'expired') b;
-            v_done_ids := v_done_ids || v_more_ids;
-            v_done_channels := v_done_channels || v_more_channels;
-            v_wake_models := v_wake_models || v_more_models;
-        END IF;
-
-        SELECT make_interval(secs => max(s.value) FILTER (WHERE s.key = 'lease_seconds')),
-               coalesce(n.max_concurrency, max(s.value) FILTER (WHERE s.key = 'default_slots_per_node')::integer)
-        INTO v_lease, v_slots
-        FROM dispatch.settings s WHERE s.key IN ('lease_seconds', 'default_slots_per_node');
-        v_free := v_slots - (SELECT count(*) FROM dispatch.jobs j WHERE j.state = 'leased' AND j.leased_by = n.id);
-
-        -- Jobs whose deadline passed while queued are expired as they are met, and
-        -- do not use a slot; look again until the slots are used or the queue is dry.
-        LOOP
-            v_want := least(p_max_jobs, v_free) - v_leased;
-            EXIT WHEN v_want <= 0;
-            v_ids := ARRAY(
-                SELECT c.id FROM unnest(n.models) AS m(model)
+            FROM o, me
+            WHERE j.id = o.id AND j.attempt = o.attempt AND j.state = 'leased' AND j.leased_by = me.id
+            RETURNING j.id, j.attempt, j.state, j.reply_channel, j.model, j.run_at
+        ),
+        -- 2. Expired leases on this node's models go back first (their holders are
+        -- gone or stuck). The probe is one index range read that is empty almost
+        -- always; an attempt settled in this same call is the caller's, not expired.
+        expiring AS MATERIALIZED (
+            SELECT ARRAY(SELECT j.id FROM dispatch.jobs j, me
+                         WHERE me.may_lease AND j.state = 'leased' AND j.lease_expires_at < now()
+                           AND j.model = ANY (me.models)
+                           AND NOT EXISTS (SELECT 1 FROM o WHERE o.id = j.id)
+                         ORDER BY j.lease_expires_at LIMIT 1000
+                         FOR UPDATE OF j SKIP LOCKED) AS ids
+        ),
+        taken_back AS MATERIALIZED (
+            SELECT b.* FROM expiring e, LATERAL dispatch._take_back(e.ids, 'expired') b
+            WHERE cardinality(e.ids) > 0
+        ),
+        -- 3. Lease up to the free slots: the node's leases before this call, less
+        -- those settled or being taken back in it.
+        want AS MATERIALIZED (
+            SELECT greatest(least(p_max_jobs,
+                       me.slots - (SELECT count(*) FROM dispatch.jobs j, expiring e
+                                   WHERE j.state = 'leased' AND j.leased_by = me.id AND j.id <> ALL (e.ids))
+                                + (SELECT count(*) FROM settled)), 0) AS n
+            FROM me WHERE me.may_lease
+        ),
+        picked AS MATERIALIZED (
+            SELECT ARRAY(
+                SELECT c.id FROM me, unnest(me.models) AS m(model)
                 CROSS JOIN LATERAL (
                     SELECT j.id, j.priority, j.run_at FROM dispatch.jobs j
-                    WHERE j.state = 'queued' AND j.model = m.model AND j.run_at <= v_now
+                    WHERE j.state = 'queued' AND j.model = m.model AND j.run_at <= now()
                     ORDER BY j.priority DESC, j.run_at, j.id
-                    LIMIT v_want
+                    LIMIT coalesce((SELECT w.n FROM want w), 0)
                     FOR UPDATE SKIP LOCKED) c
                 ORDER BY c.priority DESC, c.run_at, c.id
-                LIMIT v_want);
-            EXIT WHEN cardinality(v_ids) = 0;
-            WITH taken AS (
-                UPDATE dispatch.jobs j SET
-                    state = CASE WHEN j.deadline <= v_now THEN 'expired' ELSE 'leased' END,
-                    attempt = CASE WHEN j.deadline <= v_now THEN j.attempt ELSE j.attempt + 1 END,
-                    leased_by = CASE WHEN j.deadline <= v_now THEN j.leased_by ELSE n.id END,
-                    lease_expires_at = CASE WHEN j.deadline <= v_now THEN NULL ELSE v_now + v_lease END,
-                    started_at = CASE WHEN j.deadline <= v_now THEN j.started_at ELSE v_now END,
-                    finished_at = CASE WHEN j.deadline <= v_now THEN clock_timestamp() END,
-                    error = CASE WHEN j.deadline <= v_now
-                                 THEN jsonb_build_object('code', 'deadline_exceeded',
-                                                         'message', 'deadline passed while the job was queued')
-                                 ELSE j.error END
-                WHERE j.id = ANY (v_ids)
-                RETURNING j.id, j.attempt, j.model, j.endpoint, j.payload, j.deadline, j.lease_expires_at,
-                          j.state, j.priority, j.run_at, j.reply_channel
-            )
-            SELECT array_agg(ROW('job', t.id, t.attempt, t.model, t.endpoint, t.payload, t.deadline,
-                                 t.lease_expires_at)::dispatch.exchange_row
-                             ORDER BY t.priority DESC, t.run_at, t.id) FILTER (WHERE t.state = 'leased'),
-                   array_agg(t.id) FILTER (WHERE t.state = 'expired'),
-                   array_agg(t.reply_channel) FILTER (WHERE t.state = 'expired')
-            INTO v_batch, v_more_ids, v_more_channels
-            FROM taken t;
-            v_out := v_out || coalesce(v_batch, '{}');
-            v_leased := v_leased + coalesce(cardinality(v_batch), 0);
-            v_done_ids := v_done_ids || v_more_ids;
-            v_done_channels := v_done_channels || v_more_channels;
-            EXIT WHEN v_more_ids IS NULL;
-        END LOOP;
-
+                LIMIT coalesce((SELECT w.n FROM want w), 0)) AS ids
+        ),
+        -- Jobs whose deadline passed while queued are expired as they are met and
+        -- use no slot (the function then looks again for the slots they left, as it
+        -- does for leases it took back: those are queued once this statement ends).
+        taken AS (
+            UPDATE dispatch.jobs j SET
+                state = CASE WHEN j.deadline <= now() THEN 'expired' ELSE 'leased' END,
+                attempt = CASE WHEN j.deadline <= now() THEN j.attempt ELSE j.attempt + 1 END,
+                leased_by = CASE WHEN j.deadline <= now() THEN j.leased_by ELSE me.id END,
+                lease_expires_at = CASE WHEN j.deadline <= now() THEN NULL ELSE now() + me.lease END,
+                started_at = CASE WHEN j.deadline <= now() THEN j.started_at ELSE now() END,
+                finished_at = CASE WHEN j.deadline <= now() THEN clock_timestamp() END,
+                error = CASE WHEN j.deadline <= now()
+                             THEN jsonb_build_object('code', 'deadline_exceeded',
+                                                     'message', 'deadline passed while the job was queued')
+                             ELSE j.error END
+            FROM picked p, me
+            WHERE j.id = ANY (p.ids)
+            RETURNING j.id, j.attempt, j.model, j.endpoint, j.payload, j.deadline, j.lease_expires_at,
+                      j.state, j.priority, j.run_at, j.reply_channel
+        ),
         -- Poll stamps (for health() and nodes()) to the second: a write per call
         -- would cost a row version per round trip.
-        IF n.last_poll_completed_at IS NULL OR n.last_poll_completed_at < v_now - interval '1 second' THEN
-            UPDATE dispatch.nodes SET last_poll_started_at = v_now, last_poll_completed_at = clock_timestamp()
-            WHERE id = n.id;
+        stamped AS (
+            UPDATE dispatch.nodes nd SET last_poll_started_at = now(), last_poll_completed_at = clock_timestamp()
+            FROM me
+            WHERE nd.id = me.id AND me.may_lease
+              AND (me.last_poll_completed_at IS NULL OR me.last_poll_completed_at < now() - interval '1 second')
+        ),
+        -- 4. Wake whom it concerns: gateways waiting on finished jobs, daemons for
+        -- jobs that went back to the queue.
+        finished AS MATERIALIZED (
+            SELECT s.id, s.reply_channel FROM settled s WHERE s.state <> 'queued'
+            UNION ALL SELECT b.id, b.reply_channel FROM taken_back b WHERE b.state <> 'queued'
+            UNION ALL SELECT t.id, t.reply_channel FROM taken t WHERE t.state = 'expired'
+        ),
+        requeued AS MATERIALIZED (
+            SELECT s.model FROM settled s WHERE s.state = 'queued'
+            UNION ALL SELECT b.model FROM taken_back b WHERE b.state = 'queued'
+        ),
+        told AS MATERIALIZED (
+            SELECT dispatch._notify_replies(array_agg(f.reply_channel), array_agg(f.id)) FROM finished f
+            HAVING count(*) > 0
+            UNION ALL
+            SELECT dispatch._notify_models(array_agg(q.model)) FROM requeued q HAVING count(*) > 0
+            -- A round trip that settled nothing need not wait for the disk: if a
+            -- crash loses it, its jobs are simply still queued (or still leased until
+            -- expiry), and fencing refuses the lost attempt's results. This takes the
+            -- flush off the path from submit to provider. Outcomes keep the durable commit.
+            UNION ALL
+            SELECT NULL FROM (SELECT set_config('synchronous_commit', 'off', true)) x
+            WHERE NOT EXISTS (SELECT 1 FROM o) AND NOT EXISTS (SELECT 1 FROM finished)
+              AND NOT EXISTS (SELECT 1 FROM requeued)
+        ),
+        counts AS MATERIALIZED (
+            SELECT (SELECT count(*) FROM taken t WHERE t.state = 'leased') AS leased,
+                   -- Jobs met expired in the queue, or taken back to it: look again.
+                   (SELECT count(*) FROM taken t WHERE t.state = 'expired')
+                   + (SELECT count(*) FROM taken_back b WHERE b.state = 'queued') AS again,
+                   (SELECT count(*) FROM o WHERE o.id IS NULL OR o.attempt IS NULL
+                                              OR (o.result IS NULL) = (o.error IS NULL)
+                                              OR jsonb_typeof(o.error) <> 'object' OR o.retryable IS NULL) AS malformed,
+                   (SELECT count(*) FROM told) AS told
+        )
+        SELECT u.kind, u.id, u.attempt, u.model, u.endpoint, u.payload, u.deadline, u.lease_expires_at FROM (
+            SELECT 1 AS part, 0 AS priority, NULL::timestamptz AS run_at, 'stale' AS kind, o.id, o.attempt,
+                   NULL::text AS model, NULL::text AS endpoint, NULL::json AS payload, NULL::timestamptz AS deadline,
+                   NULL::timestamptz AS lease_expires_at
+            FROM o LEFT JOIN settled s ON s.id = o.id AND s.attempt = o.attempt WHERE s.id IS NULL
+            UNION ALL
+            SELECT 2, t.priority, t.run_at, 'job', t.id, t.attempt, t.model, t.endpoint, t.payload, t.deadline,
+                   t.lease_expires_at
+            FROM taken t WHERE t.state = 'leased'
+            UNION ALL
+            -- When fewer than p_max_jobs were leased: when to look again (NULL: on a
+            -- notification). If jobs were met expired or taken back, the function
+            -- looks again itself.
+            -- _next_wake reads the jobs as they were before this statement: the jobs
+            -- it settled or took back are left out, its retries and leases added.
+            SELECT 3, 0, NULL, 'wake', NULL, NULL, NULL, NULL, NULL, NULL,
+                   CASE WHEN me.may_lease THEN least(
+                       dispatch._next_wake(me.node, ARRAY(SELECT s.id FROM settled s
+                                                          UNION ALL SELECT b.id FROM taken_back b)),
+                       (SELECT min(s.run_at) FROM settled s WHERE s.state = 'queued'),
+                       (SELECT min(t.lease_expires_at) FROM taken t WHERE t.state = 'leased')) END
+            FROM me, counts c
+            WHERE p_max_jobs > 0 AND c.leased < p_max_jobs AND c.again = 0
+            UNION ALL
+            SELECT 4, 0, NULL, '_meta', c.again, c.malformed::integer, NULL, NULL, NULL, NULL, NULL
+            FROM me, counts c
+        ) u
+        ORDER BY u.part, u.priority DESC, u.run_at, u.id
+    LOOP
+        IF v_row.kind = '_meta' THEN
+            v_registered := true;
+            v_again := v_row.id;
+            v_malformed := v_row.attempt;
+        ELSE
+            IF v_row.kind = 'job' THEN
+                v_leased := v_leased + 1;
+            END IF;
+            RETURN NEXT v_row;
         END IF;
-    END IF;
+    END LOOP;
 
-    -- A round trip that settled nothing need not wait for the disk: if a crash
-    -- loses it, its jobs are simply still queued (or still leased until expiry),
-    -- and fencing refuses the lost attempt's results. This takes the flush off the
-    -- path from submit to provider. Settled outcomes keep the durable commit.
-    IF v_done_ids IS NULL AND v_wake_models IS NULL AND NOT v_settled THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
+    IF NOT v_registered THEN
+        PERFORM dispatch._session_node(true);  -- raises the error that says what to do
     END IF;
-    IF v_done_ids IS NOT NULL THEN
-        PERFORM dispatch._notify_replies(v_done_channels, v_done_ids);
+    IF v_malformed > 0 THEN
+        RAISE EXCEPTION 'each outcome must be {"id", "attempt", and either "result" or "error" (an object)}'
+            USING ERRCODE = '22023';
     END IF;
-    IF v_wake_models IS NOT NULL THEN
-        PERFORM dispatch._notify_models(v_wake_models);
-    END IF;
-
-    RETURN QUERY SELECT * FROM unnest(v_out);
-    IF p_max_jobs > 0 AND v_leased < p_max_jobs THEN
-        RETURN NEXT ROW('wake', NULL, NULL, NULL, NULL, NULL, NULL,
-                        CASE WHEN n.admin_state = 'active' AND n.health = 'healthy'
-                             THEN dispatch._next_wake(n) END)::dispatch.exchange_row;
+    IF v_again > 0 AND v_leased < p_max_jobs THEN
+        RETURN QUERY SELECT * FROM dispatch.exchange(NULL, p_max_jobs - v_leased);
     END IF;
 END
 $$;
@@ -261,6 +319,232 @@ $$;
 -- Each submit asks for its models' capacity; the statement's generic plan is as good
 -- as a custom one, but the plan cache kept re-planning it (~0.2 ms per submit).
 ALTER FUNCTION dispatch._capacity(text) SET plan_cache_mode = force_generic_plan;
+
+-- The submit path in fewer statements (each one an executor start, and a count in
+-- pg_stat_statements): settings are joined, not fetched one call at a time, and
+-- submit_many is one statement that also wakes the daemons.
+CREATE OR REPLACE FUNCTION dispatch._serving_nodes()
+RETURNS TABLE (id integer, models text[], slots integer, reported boolean)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT n.id, n.models,
+           coalesce(n.max_concurrency,
+                    (SELECT s.value FROM dispatch.settings s WHERE s.key = 'default_slots_per_node')::integer),
+           n.max_concurrency IS NOT NULL
+    FROM dispatch.nodes n
+    WHERE n.admin_state = 'active' AND n.health = 'healthy' AND n.backend_pid IS NOT NULL
+      AND dispatch._node_live(n.id, n.backend_pid);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch._capacity(p_only_model text)
+RETURNS TABLE (model text, capacity integer, tier text, live_nodes integer)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off
+SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH serving AS (SELECT * FROM dispatch._serving_nodes()),
+    known AS (
+        SELECT unnest(n.models) AS model FROM dispatch.nodes n
+        UNION SELECT o.model FROM dispatch.capacity_overrides o
+    ),
+    per_model AS (
+        SELECT k.model,
+               count(s.id)::integer AS live_nodes,
+               count(s.id) FILTER (WHERE NOT s.reported)::integer AS unreported,
+               coalesce(sum(s.slots), 0)::integer AS slots
+        FROM known k
+        LEFT JOIN serving s ON k.model = ANY (s.models)
+        WHERE p_only_model IS NULL OR k.model = p_only_model
+        GROUP BY k.model
+    )
+    SELECT p.model,
+           CASE WHEN o.capacity IS NOT NULL THEN o.capacity
+                WHEN p.live_nodes = 0
+                THEN (SELECT s.value FROM dispatch.settings s WHERE s.key = 'fallback_capacity')::integer
+                ELSE p.slots END,
+           CASE WHEN o.capacity IS NOT NULL THEN 'override'
+                WHEN p.live_nodes = 0 THEN 'fallback'
+                WHEN p.unreported = 0 THEN 'reported'
+                ELSE 'mixed' END,
+           p.live_nodes
+    FROM per_model p
+    LEFT JOIN dispatch.capacity_overrides o ON o.model = p.model;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dispatch.submit_many(p_requests json, p_reply_channel text DEFAULT NULL)
+RETURNS TABLE (idx integer, id bigint, sqlstate text, message text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    v_out dispatch.submit_outcome[] := '{}';
+    v_row dispatch.submit_outcome;
+    v_lost boolean := false;
+BEGIN
+    IF p_reply_channel IS NOT NULL AND p_reply_channel !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'reply channel "%" is not a valid channel name (lower-case letters, digits, _; at most 63)',
+            p_reply_channel USING ERRCODE = '22023';
+    END IF;
+    IF p_requests IS NULL OR json_typeof(p_requests) <> 'array' THEN
+        RAISE EXCEPTION 'requests must be a JSON array' USING ERRCODE = '22023';
+    END IF;
+
+    FOR v_row IN
+        WITH settings AS MATERIALIZED (
+            SELECT max(s.value) FILTER (WHERE s.key = 'default_max_attempts')::integer AS default_attempts,
+                   max(s.value) FILTER (WHERE s.key = 'queue_depth_per_slot') AS depth
+            FROM dispatch.settings s WHERE s.key IN ('default_max_attempts', 'queue_depth_per_slot')
+        ),
+        parsed AS MATERIALIZED (
+            SELECT e.ord::integer AS idx, dispatch._request_problem(e.r) AS problem,
+                   e.r->>'model' AS model, coalesce(e.r->>'endpoint', '/v1/chat/completions') AS endpoint,
+                   e.r->'payload' AS payload, e.r->>'idempotency_key' AS idempotency_key, e.r
+            FROM json_array_elements(p_requests) WITH ORDINALITY AS e(r, ord)
+        ),
+        good AS MATERIALIZED (
+            SELECT p.idx, p.model, p.endpoint, p.payload, p.idempotency_key, p.r->>'stream_token' AS stream_token,
+                   coalesce((p.r->>'priority')::integer, 0) AS priority,
+                   (p.r->>'timeout_ms')::bigint AS timeout_ms,
+                   coalesce((p.r->>'max_attempts')::integer, st.default_attempts) AS max_attempts
+            FROM parsed p, settings st WHERE p.problem IS NULL
+        ),
+        prior AS MATERIALIZED (
+            SELECT g.idx, j.id, j.state, g.stream_token,
+                   (j.model <> g.model OR j.endpoint <> g.endpoint OR j.payload::text <> g.payload::text) AS mismatch
+            FROM good g JOIN dispatch.jobs j ON j.idempotency_key = g.idempotency_key
+        ),
+        redirected AS (
+            -- A replay moves the answer of an unfinished job to this caller's channel.
+            UPDATE dispatch.jobs j SET reply_channel = p_reply_channel, stream_token = prior.stream_token
+            FROM prior
+            WHERE prior.id = j.id AND NOT prior.mismatch AND p_reply_channel IS NOT NULL
+              AND j.state IN ('queued', 'leased')
+              AND (j.reply_channel IS DISTINCT FROM p_reply_channel OR j.stream_token IS DISTINCT FROM prior.stream_token)
+            RETURNING j.id
+        ),
+        fresh AS MATERIALIZED (
+            SELECT g.*, row_number() OVER (PARTITION BY g.model ORDER BY g.idx) AS nth
+            FROM good g WHERE NOT EXISTS (SELECT 1 FROM prior WHERE prior.idx = g.idx)
+        ),
+        room AS MATERIALIZED (
+            SELECT m.model, c.capacity, c.tier,
+                   (EXISTS (SELECT 1 FROM dispatch.nodes n WHERE m.model = ANY (n.models))
+                    OR EXISTS (SELECT 1 FROM dispatch.capacity_overrides o WHERE o.model = m.model)) AS known,
+                   floor(coalesce(c.capacity, 0) * st.depth)::bigint AS queue_limit
+            FROM (SELECT DISTINCT f.model FROM fresh f) m
+            CROSS JOIN settings st
+            LEFT JOIN LATERAL dispatch._capacity(m.model) c ON true
+        ),
+        free AS MATERIALIZED (
+            SELECT r.*, r.queue_limit - (SELECT count(*) FROM (
+                            SELECT 1 FROM dispatch.jobs j WHERE j.state = 'queued' AND j.model = r.model
+                            LIMIT r.queue_limit) q) AS free
+            FROM room r WHERE r.known AND coalesce(r.capacity, 0) > 0
+        ),
+        admitted AS MATERIALIZED (
+            SELECT f.*, nextval(pg_get_serial_sequence('dispatch.jobs', 'id')) AS new_id
+            FROM fresh f JOIN free fr ON fr.model = f.model
+            WHERE f.nth <= fr.free
+            ORDER BY f.idx
+        ),
+        ins AS (
+            INSERT INTO dispatch.jobs (id, model, endpoint, payload, priority, max_attempts, deadline,
+                                       reply_channel, idempotency_key, stream_token)
+            OVERRIDING SYSTEM VALUE
+            SELECT a.new_id, a.model, a.endpoint, a.payload, a.priority, a.max_attempts,
+                   now() + make_interval(secs => a.timeout_ms / 1000.0), p_reply_channel, a.idempotency_key,
+                   a.stream_token
+            FROM admitted a ORDER BY a.idx
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING dispatch.jobs.id, dispatch.jobs.model
+        ),
+        -- One NOTIFY per model wakes the nodes that can take its new jobs soonest:
+        -- payload = the ids of as many live serving nodes as there are new jobs,
+        -- most free slots first (empty: all of them). A node not named looks a
+        -- little later anyway (the daemon's standby wake), so a named node that
+        -- dies does not strand the job; and a busy node leases again as its jobs end.
+        woken AS MATERIALIZED (
+            SELECT count(pg_notify(dispatch.model_channel(m.model), coalesce(t.targets, ''))) AS n
+            FROM (SELECT i.model, count(*) AS k FROM ins i GROUP BY i.model) m
+            LEFT JOIN LATERAL (
+                SELECT string_agg(c.id::text, ',') AS targets
+                FROM (SELECT s.id, count(*) OVER () AS serving
+                      FROM dispatch._serving_nodes() s
+                      WHERE m.model = ANY (s.models)
+                      ORDER BY (SELECT count(*) FROM dispatch.jobs j
+                                WHERE j.state = 'leased' AND j.leased_by = s.id) - s.slots, random()
+                      LIMIT m.k) c
+                HAVING count(*) < max(c.serving)) t ON true
+        )
+        SELECT p.idx,
+               coalesce(pr.id, i.id),
+               CASE WHEN p.problem IS NOT NULL THEN '22023'
+                    WHEN pr.mismatch THEN 'PD008'
+                    WHEN pr.id IS NOT NULL THEN NULL
+                    WHEN NOT r.known THEN 'PD001'
+                    WHEN coalesce(r.capacity, 0) = 0 THEN 'PD002'
+                    WHEN a.new_id IS NULL THEN 'PD003'
+                    WHEN i.id IS NULL THEN 'lost' END,
+               CASE WHEN p.problem IS NOT NULL THEN p.problem
+                    WHEN pr.mismatch THEN format('idempotency key "%s" was already used for a different request (job %s)',
+                                                  p.idempotency_key, pr.id)
+                    WHEN pr.id IS NOT NULL THEN NULL
+                    WHEN NOT r.known THEN format('model "%s" is not served by any node', p.model)
+                    WHEN coalesce(r.capacity, 0) = 0 THEN
+                         format('no live healthy node serves model "%s" (capacity 0, tier %s)', p.model, r.tier)
+                    WHEN a.new_id IS NULL THEN
+                         format('queue for model "%s" is full (limit %s: capacity %s x %s per slot)',
+                                p.model, r.queue_limit, r.capacity, st.depth) END,
+               p.model, i.id IS NOT NULL, p.idempotency_key
+        FROM parsed p
+        CROSS JOIN settings st
+        CROSS JOIN woken
+        LEFT JOIN prior pr ON pr.idx = p.idx
+        LEFT JOIN room r ON r.model = p.model AND p.problem IS NULL AND pr.id IS NULL
+        LEFT JOIN admitted a ON a.idx = p.idx
+        LEFT JOIN ins i ON i.id = a.new_id
+        ORDER BY p.idx
+    LOOP
+        v_out := v_out || v_row;
+        v_lost := v_lost OR v_row.sqlstate = 'lost';
+    END LOOP;
+
+    -- A keyed element whose insert was skipped lost a race with a concurrent
+    -- submit of the same key (which has committed by now), or repeats a key of an
+    -- earlier element of this batch: it takes that job if the request is the same,
+    -- and is refused with PD008 like any other reuse of the key if it is not.
+    IF v_lost THEN
+        SELECT array_agg(CASE WHEN o.sqlstate = 'lost'
+                              THEN ROW(o.idx, j.id,
+                                       CASE WHEN j.id IS NULL THEN 'PD003' WHEN x.mismatch THEN 'PD008' END,
+                                       CASE WHEN j.id IS NULL THEN 'idempotent submit raced and lost; retry'
+                                            WHEN x.mismatch THEN
+                                                format('idempotency key "%s" was already used for a different request (job %s)',
+                                                       o.idempotency_key, j.id) END,
+                                       o.model, false, o.idempotency_key)::dispatch.submit_outcome
+                              ELSE o END ORDER BY o.idx)
+        INTO v_out
+        FROM unnest(v_out) o
+        LEFT JOIN dispatch.jobs j ON o.sqlstate = 'lost' AND j.idempotency_key = o.idempotency_key
+        LEFT JOIN LATERAL (SELECT j.model <> o.model
+                                  OR j.endpoint <> coalesce(p_requests->(o.idx - 1)->>'endpoint', '/v1/chat/completions')
+                                  OR j.payload::text <> (p_requests->(o.idx - 1)->'payload')::text AS mismatch) x
+               ON j.id IS NOT NULL;
+    END IF;
+
+    FOREACH v_row IN ARRAY v_out LOOP
+        idx := v_row.idx;
+        id := v_row.id;
+        sqlstate := v_row.sqlstate;
+        message := v_row.message;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
 
 DO $$
 DECLARE f regprocedure;

@@ -29,6 +29,14 @@
  * can be told 413; beyond it the connection is closed. */
 #define HTTP_DISCARD_SLACK (1024u * 1024u)
 
+/* Each connection's libmicrohttpd memory pool: the request head (line, headers
+ * and their index) must fit in it, or libmicrohttpd answers 431 itself; a few
+ * hundred headers or an 8 KB URL need more than 16 KiB. More than 32 KiB, so that
+ * libmicrohttpd 0.9.75 maps each pool on its own and unmaps it when the connection
+ * closes (a pool of up to 32 KiB comes from malloc, and its pages stay in the
+ * allocator after the close); 36 KiB is 9 pages. */
+#define HTTP_POOL_BYTES (36u * 1024u)
+
 /* More query arguments than this and the request is refused (414) before
  * libmicrohttpd parses them: the gateway reads one (?wait), and libmicrohttpd 0.9.75
  * runs out of its per-connection pool at a few hundred and then may never answer. */
@@ -73,8 +81,15 @@ struct http_server {
     http_options_t opt;
     struct MHD_Daemon *daemon;
     atomic_bool quiescing;
+    atomic_uint kept;    /* connections holding a keep-alive place (http_keep_alive) */
     struct sockaddr_storage addr;
 };
+
+/* One connection, from accept to close (libmicrohttpd's socket context). Only the
+ * thread serving the connection touches it. */
+typedef struct {
+    bool kept;           /* holds one of the server's --max-keepalive-connections places */
+} http_conn_t;
 
 /* One request. call is first so the dispatcher's call_t* is this context. */
 typedef struct {
@@ -129,6 +144,56 @@ static void http_stream_headers(struct MHD_Response *resp)
     MHD_add_response_header(resp, "X-Accel-Buffering", "no");
 }
 
+/* Whether rq's connection may stay open for another request after this response.
+ * A connection kept open once holds its whole memory pool (HTTP_POOL_BYTES) from
+ * then until it closes: libmicrohttpd 0.9.75 zeroes the pool when a response ends on
+ * a connection that stays open, while a connection waiting for its first answer has
+ * touched two pages of it. So at most --max-keepalive-connections connections are
+ * kept: the first response that keeps a connection takes a place, which the
+ * connection holds until it closes (or times out idle); with every place taken,
+ * responses on other connections close theirs, and those clients reconnect. */
+static bool http_keep_alive(request_t *rq)
+{
+    http_server_t *s = rq->server;
+    const union MHD_ConnectionInfo *info;
+    http_conn_t *c;
+
+    if (rq->close || atomic_load(&s->quiescing))
+        return false;
+    info = MHD_get_connection_info(rq->conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    c = info ? info->socket_context : NULL;
+    if (!c)
+        return false;   /* its context could not be allocated: nothing to count it by */
+    if (c->kept)
+        return true;
+    if (atomic_fetch_add(&s->kept, 1) >= s->opt.max_keepalive) {
+        atomic_fetch_sub(&s->kept, 1);
+        return false;
+    }
+    c->kept = true;
+    return true;
+}
+
+/* Connection opened and closed: the context that records its keep-alive place. */
+static void http_connection_notify(void *cls, struct MHD_Connection *conn, void **socket_context,
+                                   enum MHD_ConnectionNotificationCode code)
+{
+    http_server_t *s = cls;
+    http_conn_t *c = *socket_context;
+
+    (void)conn;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        *socket_context = calloc(1, sizeof(http_conn_t));
+        return;
+    }
+    if (code != MHD_CONNECTION_NOTIFY_CLOSED || !c)
+        return;
+    if (c->kept)
+        atomic_fetch_sub(&s->kept, 1);
+    free(c);
+    *socket_context = NULL;
+}
+
 /* Queue r as the response (taking its body). MHD_NO only when MHD refuses. */
 static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
 {
@@ -158,7 +223,7 @@ static enum MHD_Result http_send(request_t *rq, gw_reply_t *r)
     }
     if (r->status == 405 && rq->allow)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, rq->allow);
-    if (rq->close || atomic_load(&rq->server->quiescing))
+    if (!http_keep_alive(rq))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     ret = MHD_queue_response(rq->conn, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
@@ -205,7 +270,7 @@ static enum MHD_Result http_send_stream(request_t *rq)
         return MHD_NO;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream; charset=utf-8");
     http_stream_headers(resp);
-    if (atomic_load(&rq->server->quiescing))
+    if (!http_keep_alive(rq))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     ret = MHD_queue_response(rq->conn, MHD_HTTP_OK, resp);
     MHD_destroy_response(resp);
@@ -766,7 +831,7 @@ http_server_t *http_server_start(const http_options_t *opt, char *err, size_t er
     char host[256], port[16];
     struct addrinfo hints = {0}, *ai = NULL;
     unsigned flags = MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-    struct MHD_OptionItem ops[12];
+    struct MHD_OptionItem ops[14];
     size_t n = 0;
     int rc;
 
@@ -799,6 +864,8 @@ http_server_t *http_server_start(const http_options_t *opt, char *err, size_t er
     /* The logger goes first, or MHD logs the options before it to stderr itself. */
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)http_mhd_log, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)http_completed, s};
+    ops[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)http_connection_notify, s};
+    ops[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_MEMORY_LIMIT, HTTP_POOL_BYTES, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)http_uri_log, NULL};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, &s->addr};
     ops[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)opt->max_connections, NULL};

@@ -17,6 +17,7 @@ typedef struct {
     const char *listen;          /* "host:port", "[v6]:port" or ":port" */
     unsigned threads;            /* MHD polling threads (1: one epoll thread) */
     unsigned max_connections;
+    unsigned max_keepalive;      /* most connections kept open after a response (0: none) */
     size_t max_body_bytes;
     int64_t request_timeout_ms;  /* default X-Request-Timeout */
     bool require_api_key;

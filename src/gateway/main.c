@@ -30,6 +30,7 @@ static struct {
     long grace_ms;
     long threads;
     long max_connections;
+    long max_keepalive_connections;
     const char *log_level;
 } cfg;
 
@@ -54,6 +55,10 @@ static const config_option_t options[] = {
      "HTTP polling threads (each an epoll loop); the database thread is one more"},
     {"max-connections", "PGDISPATCH_MAX_CONNECTIONS", CONFIG_INT, &cfg.max_connections, "10000", 16, 1000000,
      "most HTTP connections open at once"},
+    {"max-keepalive-connections", "PGDISPATCH_MAX_KEEPALIVE_CONNECTIONS", CONFIG_INT, &cfg.max_keepalive_connections,
+     "256", 0, 1000000,
+     "most connections kept open for more requests after a response (each holds a 36 KiB buffer until "
+     "it closes); past it, responses close their connection"},
     {"log-level", "PGDISPATCH_LOG_LEVEL", CONFIG_STRING, &cfg.log_level, "info", 0, 0,
      "debug, info, warn or error"},
 };
@@ -131,6 +136,7 @@ int main(int argc, char **argv)
         .listen = cfg.listen,
         .threads = (unsigned)cfg.threads,
         .max_connections = (unsigned)cfg.max_connections,
+        .max_keepalive = (unsigned)cfg.max_keepalive_connections,
         .max_body_bytes = (size_t)cfg.max_body_bytes,
         .request_timeout_ms = cfg.request_timeout_s * 1000,
         .require_api_key = cfg.require_api_key,

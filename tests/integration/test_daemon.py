@@ -5,6 +5,7 @@ idleness, crashes, a database restart, shutdown, capacity discovery and identity
 Every wait is a wait_for with a deadline; the one fixed window is the 60 s idle
 measurement, which is what it measures."""
 import json
+import os
 import signal
 import time
 
@@ -426,3 +427,31 @@ def test_unenrolled_role_exits_with_clear_error(db, procs):
         assert "PD005" in out and "not enrolled" in out and "dispatch.enroll" in out
     finally:
         db.sql("DROP ROLE IF EXISTS pgd_stranger")
+
+
+def test_a_wake_aimed_at_a_frozen_node_is_covered_by_the_others(db, procs):
+    """A submit wakes the node with the most free slots. If that node cannot answer
+    (here: stopped, its session still open, so it still counts as live), the other
+    nodes heard the same notification and look a second later themselves."""
+    fake = Fake(procs)
+    frozen = daemon(procs, db.enroll("frozen"), fake, "--models", "demo", "--max-concurrency", "8", name="frozen")
+    other = daemon(procs, db.enroll("other"), fake, "--models", "demo", "--max-concurrency", "2", name="other")
+    wait_live(db, "frozen")
+    wait_live(db, "other")
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            ids = submit(db, 1)
+            wait_for(lambda: all_in(db, ids), 5, interval=0.01, what="job done by the other node")
+            took = time.monotonic() - t0
+            assert 0.9 < took < 3.0, "the standby wake (1 s) took the job, in %.2f s" % took
+            assert [j["leased_by"] for j in jobs(db, ids)] == [node_id(db, "other")]
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    # Awake again, the frozen node is the one woken (most free slots) and answers at once.
+    t0 = time.monotonic()
+    ids = submit(db, 1)
+    wait_for(lambda: all_in(db, ids), 5, interval=0.01, what="job after thawing")
+    assert time.monotonic() - t0 < 0.9
+    assert [j["leased_by"] for j in jobs(db, ids)] == [node_id(db, "frozen")]

@@ -804,3 +804,25 @@ def test_stuck_queue_is_logged_on_transitions_only(db, gateway):
     http_get("http://127.0.0.1:%d/v1/status" % port)
     out = gateway.procs[port].output()
     assert out.count("event=queue_stuck") == 1 and out.count("event=queue_unstuck") == 1, out
+
+
+def test_connections_kept_open_after_a_response_are_capped(db, gateway):
+    """Each connection kept open for another request holds its whole HTTP buffer
+    until it closes; past --max-keepalive-connections, responses close theirs. A
+    place is freed when its connection closes."""
+    port = gateway("--max-keepalive-connections", "1")
+
+    def ask(conn):
+        conn.request("GET", "/healthz")
+        r = conn.getresponse()
+        r.read()
+        return r.status, (r.getheader("Connection") or "").lower()
+
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    second = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    assert ask(first) == (200, "")                    # takes the one place
+    assert ask(first) == (200, "")                    # and keeps it
+    assert ask(second) == (200, "close")              # no place left: closed after the answer
+    first.close()
+    wait_for(lambda: ask(http.client.HTTPConnection("127.0.0.1", port, timeout=10))[1] == "",
+             5, what="the closed connection's place to be free again")

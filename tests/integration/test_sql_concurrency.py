@@ -89,6 +89,39 @@ def submit_many(conn_or_db, requests, reply_channel=None):
     return [r[1] for r in rows]
 
 
+
+def test_submit_wakes_as_many_nodes_as_new_jobs_most_free_slots_first(db):
+    nodes = {name: node(db, name, ["m-t"], 4) for name in ("wa", "wb", "wc")}
+    ids = {name: sess[0] for name, (conn, sess) in nodes.items()}
+    channel = nodes["wa"][1][3][0]
+    listener = Listener(nodes["wa"][0], channel)
+    submit_many(db, [{"model": "m-t", "payload": {}}] * 2)
+    got = listener.drain_through_sentinel(db, channel)
+    assert len(got) == 1 and got[0].payload != "", got
+    # wa takes both jobs: 2 of its 4 slots are used, wb and wc have 4 free.
+    leased = nodes["wa"][0].execute("SELECT count(*) FROM dispatch.exchange(NULL, 2) WHERE kind = 'job'").fetchone()[0]
+    assert leased == 2
+
+    for _ in range(5):
+        submit_many(db, [{"model": "m-t", "payload": {}}])
+        got = listener.drain_through_sentinel(db, channel)
+        assert len(got) == 1 and got[0].payload in (str(ids["wb"]), str(ids["wc"])), \
+            "one new job wakes one node, one with the most free slots: %r" % [n.payload for n in got]
+    submit_many(db, [{"model": "m-t", "payload": {}}] * 2)
+    got = listener.drain_through_sentinel(db, channel)
+    assert [sorted(n.payload.split(",")) for n in got] == [sorted([str(ids["wb"]), str(ids["wc"])])], \
+        [n.payload for n in got]
+    # As many new jobs as serving nodes (or more): everyone, with an empty payload.
+    submit_many(db, [{"model": "m-t", "payload": {}}] * 3)
+    assert [n.payload for n in listener.drain_through_sentinel(db, channel)] == [""]
+    # A node whose session is gone is never named.
+    nodes["wb"][0].close()
+    nodes["wc"][0].close()
+    wait_for(lambda: db.one("SELECT count(*) FROM dispatch.nodes() WHERE live") == 1, 10, what="wb, wc gone")
+    submit_many(db, [{"model": "m-t", "payload": {}}])
+    assert [n.payload for n in listener.drain_through_sentinel(db, channel)] == [""]
+    nodes["wa"][0].close()
+
 # -- concurrent leasing ------------------------------------------------------------
 
 def test_four_sessions_lease_each_job_exactly_once(db):

@@ -3,7 +3,7 @@
 -- now() is fixed inside the test transaction: time passes by moving rows' timestamps.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(99);
+SELECT plan(103);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -308,6 +308,31 @@ SET SESSION AUTHORIZATION dispatch_node_gpu_a;
 SELECT is((SELECT count(*) FROM dispatch.exchange(format('[{"id":%s,"attempt":1,"result":{}}]', :w7)::json, 0)),
           0::bigint, 'gpu-a completes w7');
 SELECT is(current_setting('synchronous_commit'), 'on', 'an exchange that settles an outcome keeps the durable commit');
+RESET SESSION AUTHORIZATION;
+
+------------------------------------------------------------------------------
+-- The wake row is computed in the statement that settles: a lease settled in it is
+-- not a reason to look again; a lease taken in it is.
+------------------------------------------------------------------------------
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state IN ('queued', 'leased');
+SELECT dispatch.submit('m1', NULL, '{}') AS x1 \gset
+SELECT dispatch.submit('m1', NULL, '{}') AS x2 \gset
+SELECT dispatch.submit('m1', NULL, '{}') AS x3 \gset
+UPDATE dispatch.jobs SET run_at = now() + interval '300 s' WHERE id = :x2;
+UPDATE dispatch.jobs SET run_at = now() + interval '400 s' WHERE id = :x3;
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT results_eq($$SELECT kind, lease_expires_at FROM dispatch.exchange(NULL, 2)$$,
+                  $$VALUES ('job', now() + interval '120 s'), ('wake', now() + interval '120 s')$$,
+                  'exchange: a lease taken in the call is a reason to look (its expiry)');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT dispatch._next_wake(n, ARRAY[:x1::bigint]) FROM dispatch.nodes n WHERE n.name = 'gpu-a'),
+          now() + interval '300 s', '_next_wake: a job in p_gone is left out');
+SELECT is((SELECT dispatch._next_wake(n, '{}') FROM dispatch.nodes n WHERE n.name = 'gpu-a'),
+          now() + interval '120 s', '_next_wake: with nothing gone, the lease counts (lease_seconds 120)');
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT results_eq(format($$SELECT kind, lease_expires_at FROM dispatch.exchange('[{"id": %s, "attempt": 1, "result": {}}]', 1)$$, :x1),
+                  $$VALUES ('wake', now() + interval '300 s')$$,
+                  'exchange: settling the only lease wakes for the delayed job, not for the lease it just ended');
 RESET SESSION AUTHORIZATION;
 
 SELECT * FROM finish();

@@ -256,6 +256,23 @@ static void test_row_parse(void **state)
     PQclear(res);
 }
 
+static void test_wake_names(void **state)
+{
+    (void)state;
+    assert_true(lease_wake_names("", 7));          /* everyone */
+    assert_true(lease_wake_names(NULL, 7));
+    assert_true(lease_wake_names("7", 7));
+    assert_true(lease_wake_names("3,7,12", 7));
+    assert_false(lease_wake_names("3,12", 7));
+    assert_false(lease_wake_names("77", 7));
+    assert_false(lease_wake_names("17,70", 7));
+    /* Anything else wakes: a wake too many costs a round trip, one too few a job. */
+    assert_true(lease_wake_names("x", 7));
+    assert_true(lease_wake_names("3,,12", 7));
+    assert_true(lease_wake_names("3; 12", 7));
+    assert_true(lease_wake_names("99999999999999999999", 7));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -265,6 +282,7 @@ int main(void)
         cmocka_unit_test(test_sent_done_retry_and_limit),
         cmocka_unit_test(test_refused_outcome_is_rewritten_once_then_dropped),
         cmocka_unit_test(test_text_array_and_split),
+        cmocka_unit_test(test_wake_names),
         cmocka_unit_test(test_row_parse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
