@@ -1,52 +1,23 @@
--- 003: the hot paths re-planned for speed: the daemon's round trip (same contract
--- as 001), the checks of every submitted element, and no JIT anywhere.
+-- 003: the hot paths made cheap (same contracts as 001): the daemon's round trip,
+-- the submit, and no JIT anywhere.
 --
--- Measured (pg_stat_statements with track_planning, auto_explain): 001's exchange
--- spent about a third of its time planning. Its lease statement joined an UPDATE to
--- a CTE under a LIMIT taken from a variable; the generic plan of that shape is a
--- hash join over a sequential scan of jobs (hundreds of ms), so the plan cache kept
--- re-planning it on every call, as it did the take-back of expired leases. Here:
---   * every statement has a generic plan that is as good as a custom one (ids are
---     picked into an array, then updated by primary key), and the function runs
---     with plan_cache_mode = force_generic_plan, so nothing is planned per call;
---   * the hot path calls no helper function (each call of a function with a SET
---     clause saves and restores settings): the node row, both settings and the
---     expired-lease probe are plain statements; helpers run only when there is
---     something for them to do (expired leases, finished jobs, retries);
---   * the node's poll stamps are written at most once a second, not per call.
--- And no function compiles its statements with LLVM: submit_many's estimated cost
--- passes jit_above_cost once the jobs table is large, and each submit then spent
--- ~100 ms in the JIT compiler for a statement that runs in well under 1 ms.
--- (A later CREATE OR REPLACE must repeat SET jit = off; catalog.sql checks it.)
-
--- The earliest moment a node has reason to look, leaving out jobs the caller has
--- just finished with (exchange asks in the same statement that settles them, and
--- this function, being STABLE, sees the jobs as they were before it).
-CREATE FUNCTION dispatch._next_wake(n dispatch.nodes, p_gone bigint[]) RETURNS timestamptz
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN (SELECT least(
-        (SELECT min(r.run_at) FROM unnest(n.models) m(model),
-             LATERAL (SELECT j.run_at FROM dispatch.jobs j
-                      -- run_at > now() >= created_at: only jobs_delayed rows qualify.
-                      WHERE j.state = 'queued' AND j.model = m.model AND j.run_at > now()
-                        AND j.run_at > j.created_at AND j.id <> ALL (p_gone)
-                      ORDER BY j.run_at LIMIT 1) r),
-        (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
-         WHERE j.state = 'leased' AND j.model = ANY (n.models) AND j.id <> ALL (p_gone))));
-END
-$$;
-COMMENT ON FUNCTION dispatch._next_wake(dispatch.nodes, bigint[]) IS
-'Internal: earliest future moment a node has reason to look: a delayed retry on its
-models becoming due, or a lease on its models running out; jobs in p_gone are left out.';
-REVOKE EXECUTE ON FUNCTION dispatch._next_wake(dispatch.nodes, bigint[]) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION dispatch._next_wake(n dispatch.nodes) RETURNS timestamptz
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN dispatch._next_wake(n, '{}');
-END
-$$;
+-- Measured with pg_stat_statements (track = all, track_planning), auto_explain and
+-- perf (bench/CHANGES.md has the numbers):
+--   * 001's exchange was re-planned on every call: its lease statement (an UPDATE
+--     joined to a CTE under a LIMIT taken from a variable) has a generic plan of a
+--     hash join over a sequential scan of jobs, so the plan cache kept making custom
+--     plans. Ids are now picked into an array and updated by primary key, and the
+--     function runs with plan_cache_mode = force_generic_plan.
+--   * Every statement is an executor start and a count in pg_stat_statements:
+--     exchange is now one statement (001: about eleven, counting the helpers it
+--     called), submit_many one (001: about twelve). Capacity and serving nodes are
+--     views, planned into the statement that reads them.
+--   * The node's poll stamps are written at most once a second, not per call.
+--   * A submit wakes only as many nodes as it brought jobs (see submit_many).
+--   * No function compiles its statements with LLVM: submit_many's estimated cost
+--     passes jit_above_cost once the jobs table is large, and each submit then spent
+--     ~100 ms in the JIT compiler for a statement that runs in well under 1 ms.
+--     (A later CREATE OR REPLACE must repeat SET jit = off; catalog.sql checks it.)
 
 CREATE OR REPLACE FUNCTION dispatch.exchange(p_outcomes json, p_max_jobs integer)
 RETURNS SETOF dispatch.exchange_row
@@ -187,9 +158,15 @@ BEGIN
             SELECT s.model FROM settled s WHERE s.state = 'queued'
             UNION ALL SELECT b.model FROM taken_back b WHERE b.state = 'queued'
         ),
+        -- As _notify_replies does: one NOTIFY per reply channel, ids comma-separated,
+        -- at most 350 to a payload (written out: a function call is one more statement).
         told AS MATERIALIZED (
-            SELECT dispatch._notify_replies(array_agg(f.reply_channel), array_agg(f.id)) FROM finished f
-            HAVING count(*) > 0
+            SELECT pg_notify(x.channel, x.ids) FROM (
+                SELECT f.channel, string_agg(f.id::text, ',' ORDER BY f.id) AS ids
+                FROM (SELECT d.reply_channel AS channel, d.id,
+                             (row_number() OVER (PARTITION BY d.reply_channel ORDER BY d.id) - 1) / 350 AS chunk
+                      FROM finished d WHERE d.reply_channel IS NOT NULL) f
+                GROUP BY f.channel, f.chunk) x
             UNION ALL
             SELECT dispatch._notify_models(array_agg(q.model)) FROM requeued q HAVING count(*) > 0
             -- A round trip that settled nothing need not wait for the disk: if a
@@ -224,12 +201,21 @@ BEGIN
             -- When fewer than p_max_jobs were leased: when to look again (NULL: on a
             -- notification). If jobs were met expired or taken back, the function
             -- looks again itself.
-            -- _next_wake reads the jobs as they were before this statement: the jobs
-            -- it settled or took back are left out, its retries and leases added.
+            -- The rule of _next_wake, written out here because this statement sees
+            -- the jobs as they were before it: the leases it settled or took back
+            -- are left out, the retries it queued and the leases it took added.
             SELECT 3, 0, NULL, 'wake', NULL, NULL, NULL, NULL, NULL, NULL,
                    CASE WHEN me.may_lease THEN least(
-                       dispatch._next_wake(me.node, ARRAY(SELECT s.id FROM settled s
-                                                          UNION ALL SELECT b.id FROM taken_back b)),
+                       (SELECT min(r.run_at) FROM unnest(me.models) m(model),
+                            LATERAL (SELECT j.run_at FROM dispatch.jobs j
+                                     -- run_at > now() >= created_at: only jobs_delayed rows qualify.
+                                     WHERE j.state = 'queued' AND j.model = m.model AND j.run_at > now()
+                                       AND j.run_at > j.created_at
+                                     ORDER BY j.run_at LIMIT 1) r),
+                       (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
+                        WHERE j.state = 'leased' AND j.model = ANY (me.models)
+                          AND NOT EXISTS (SELECT 1 FROM settled s WHERE s.id = j.id)
+                          AND NOT EXISTS (SELECT 1 FROM taken_back b WHERE b.id = j.id)),
                        (SELECT min(s.run_at) FROM settled s WHERE s.state = 'queued'),
                        (SELECT min(t.lease_expires_at) FROM taken t WHERE t.state = 'leased')) END
             FROM me, counts c
@@ -316,26 +302,53 @@ BEGIN
 END
 $$;
 
--- Each submit asks for its models' capacity; the statement's generic plan is as good
--- as a custom one, but the plan cache kept re-planning it (~0.2 ms per submit).
-ALTER FUNCTION dispatch._capacity(text) SET plan_cache_mode = force_generic_plan;
 
 -- The submit path in fewer statements (each one an executor start, and a count in
 -- pg_stat_statements): settings are joined, not fetched one call at a time, and
 -- submit_many is one statement that also wakes the daemons.
+-- Serving nodes and capacity as views: a view is planned into the statement that
+-- reads it, where each function call is a statement of its own (an executor start
+-- and a count in pg_stat_statements). The functions stay for their other callers.
+CREATE VIEW dispatch.serving_nodes AS
+SELECT n.id, n.models,
+       coalesce(n.max_concurrency,
+                (SELECT s.value FROM dispatch.settings s WHERE s.key = 'default_slots_per_node')::integer) AS slots,
+       n.max_concurrency IS NOT NULL AS reported
+FROM dispatch.nodes n
+WHERE n.admin_state = 'active' AND n.health = 'healthy' AND n.backend_pid IS NOT NULL
+  AND dispatch._node_live(n.id, n.backend_pid);
+COMMENT ON VIEW dispatch.serving_nodes IS
+'Internal: nodes that can take work now (live, active, healthy) with their slot counts.';
+
+CREATE VIEW dispatch.model_capacity AS
+SELECT p.model,
+       CASE WHEN o.capacity IS NOT NULL THEN o.capacity
+            WHEN p.live_nodes = 0
+            THEN (SELECT s.value FROM dispatch.settings s WHERE s.key = 'fallback_capacity')::integer
+            ELSE p.slots END AS capacity,
+       CASE WHEN o.capacity IS NOT NULL THEN 'override'
+            WHEN p.live_nodes = 0 THEN 'fallback'
+            WHEN p.unreported = 0 THEN 'reported'
+            ELSE 'mixed' END AS tier,
+       p.live_nodes
+FROM (SELECT k.model,
+             count(sn.id)::integer AS live_nodes,
+             count(sn.id) FILTER (WHERE NOT sn.reported)::integer AS unreported,
+             coalesce(sum(sn.slots), 0)::integer AS slots
+      FROM (SELECT unnest(n.models) AS model FROM dispatch.nodes n
+            UNION SELECT c.model FROM dispatch.capacity_overrides c) k
+      LEFT JOIN dispatch.serving_nodes sn ON k.model = ANY (sn.models)
+      GROUP BY k.model) p
+LEFT JOIN dispatch.capacity_overrides o ON o.model = p.model;
+COMMENT ON VIEW dispatch.model_capacity IS
+'Internal: capacity and its tier for every known model: override, reported, mixed, fallback.';
+
 CREATE OR REPLACE FUNCTION dispatch._serving_nodes()
 RETURNS TABLE (id integer, models text[], slots integer, reported boolean)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 #variable_conflict use_column
 BEGIN
-    RETURN QUERY
-    SELECT n.id, n.models,
-           coalesce(n.max_concurrency,
-                    (SELECT s.value FROM dispatch.settings s WHERE s.key = 'default_slots_per_node')::integer),
-           n.max_concurrency IS NOT NULL
-    FROM dispatch.nodes n
-    WHERE n.admin_state = 'active' AND n.health = 'healthy' AND n.backend_pid IS NOT NULL
-      AND dispatch._node_live(n.id, n.backend_pid);
+    RETURN QUERY SELECT s.id, s.models, s.slots, s.reported FROM dispatch.serving_nodes s;
 END
 $$;
 
@@ -346,33 +359,8 @@ SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH serving AS (SELECT * FROM dispatch._serving_nodes()),
-    known AS (
-        SELECT unnest(n.models) AS model FROM dispatch.nodes n
-        UNION SELECT o.model FROM dispatch.capacity_overrides o
-    ),
-    per_model AS (
-        SELECT k.model,
-               count(s.id)::integer AS live_nodes,
-               count(s.id) FILTER (WHERE NOT s.reported)::integer AS unreported,
-               coalesce(sum(s.slots), 0)::integer AS slots
-        FROM known k
-        LEFT JOIN serving s ON k.model = ANY (s.models)
-        WHERE p_only_model IS NULL OR k.model = p_only_model
-        GROUP BY k.model
-    )
-    SELECT p.model,
-           CASE WHEN o.capacity IS NOT NULL THEN o.capacity
-                WHEN p.live_nodes = 0
-                THEN (SELECT s.value FROM dispatch.settings s WHERE s.key = 'fallback_capacity')::integer
-                ELSE p.slots END,
-           CASE WHEN o.capacity IS NOT NULL THEN 'override'
-                WHEN p.live_nodes = 0 THEN 'fallback'
-                WHEN p.unreported = 0 THEN 'reported'
-                ELSE 'mixed' END,
-           p.live_nodes
-    FROM per_model p
-    LEFT JOIN dispatch.capacity_overrides o ON o.model = p.model;
+    SELECT c.model, c.capacity, c.tier, c.live_nodes FROM dispatch.model_capacity c
+    WHERE p_only_model IS NULL OR c.model = p_only_model;
 END
 $$;
 
@@ -437,7 +425,7 @@ BEGIN
                    floor(coalesce(c.capacity, 0) * st.depth)::bigint AS queue_limit
             FROM (SELECT DISTINCT f.model FROM fresh f) m
             CROSS JOIN settings st
-            LEFT JOIN LATERAL dispatch._capacity(m.model) c ON true
+            LEFT JOIN dispatch.model_capacity c ON c.model = m.model
         ),
         free AS MATERIALIZED (
             SELECT r.*, r.queue_limit - (SELECT count(*) FROM (
@@ -473,7 +461,7 @@ BEGIN
             LEFT JOIN LATERAL (
                 SELECT string_agg(c.id::text, ',') AS targets
                 FROM (SELECT s.id, count(*) OVER () AS serving
-                      FROM dispatch._serving_nodes() s
+                      FROM dispatch.serving_nodes s
                       WHERE m.model = ANY (s.models)
                       ORDER BY (SELECT count(*) FROM dispatch.jobs j
                                 WHERE j.state = 'leased' AND j.leased_by = s.id) - s.slots, random()

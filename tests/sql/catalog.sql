@@ -41,10 +41,10 @@ $$, 'every non-immutable function a role may call is SECURITY DEFINER');
 SELECT is_empty($$
     SELECT c.relname || ' ' || r.rolname FROM pg_class c CROSS JOIN
         (VALUES ('dispatch_gateway'), ('dispatch_daemon')) r(rolname)
-    WHERE c.relnamespace = 'dispatch'::regnamespace AND c.relkind IN ('r', 'S')
+    WHERE c.relnamespace = 'dispatch'::regnamespace AND c.relkind IN ('r', 'S', 'v')
       AND (has_table_privilege(r.rolname, c.oid, 'SELECT') OR has_table_privilege(r.rolname, c.oid, 'INSERT')
         OR has_table_privilege(r.rolname, c.oid, 'UPDATE') OR has_table_privilege(r.rolname, c.oid, 'DELETE'))
-$$, 'gateway and daemon roles have no privilege on any table');
+$$, 'gateway and daemon roles have no privilege on any table or view');
 
 SELECT is(dispatch.schema_version(), (SELECT max(version) FROM dispatch.migrations),
           'schema_version reports the newest migration');
