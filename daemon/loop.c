@@ -121,6 +121,7 @@ typedef struct {
     int64_t hold_until_us;       /* an exchange is held until then for more outcomes; 0: none */
     int64_t exchange_sent_us;
     int64_t rtt_us;              /* smoothed exchange round trip */
+    int64_t service_us;          /* smoothed provider time of a job (its transfer alone) */
     uint64_t jobs_started, jobs_done, exchanges, stream_calls, pieces_relayed;
 
     /* Shutdown. */
@@ -141,9 +142,24 @@ static long daemon_slots(const daemon_t *d)
     return d->capacity > 0 ? d->capacity : d->cfg->default_slots;
 }
 
+/* Leases held beyond the slots: they wait in the daemon and start as running jobs
+ * end, so that no slot sits idle while the round trip that settles its last job and
+ * leases its next one runs. Only while the provider answers faster than two round
+ * trips: a job then waits here about as long as that round trip would have made it
+ * wait anyway. With slower jobs, a lease kept waiting here could have been started
+ * sooner by an idle node, so none is held. The database allows what register's
+ * companion dispatch.set_lease_ahead was told (the same flag). */
+static long daemon_lease_ahead(const daemon_t *d)
+{
+    if (d->cfg->lease_ahead == 0 || d->service_us == 0 || d->rtt_us == 0 || d->service_us > 2 * d->rtt_us)
+        return 0;
+    return d->cfg->lease_ahead < 0 ? daemon_slots(d) : d->cfg->lease_ahead;
+}
+
+/* Leases to ask for: the slots and the lease-ahead allowance, less the jobs held. */
 static int daemon_free_slots(const daemon_t *d)
 {
-    long free_slots = daemon_slots(d) - (long)provider_in_flight(d->prov);
+    long free_slots = daemon_slots(d) + daemon_lease_ahead(d) - (long)provider_in_flight(d->prov);
 
     if (free_slots < 0)
         return 0;
@@ -192,6 +208,8 @@ static void on_job_done(void *ctx, const job_t *job, const provider_response_t *
 
     provider_classify(r, &v);
     d->jobs_done++;
+    if (r->service_us > 0)
+        d->service_us = d->service_us == 0 ? r->service_us : (d->service_us * 7 + r->service_us) / 8;
     if (d->outbox.count == d->outbox.sent)
         d->first_outcome_us = clock_monotonic_us();
     if (v.complete) {
@@ -449,6 +467,8 @@ static void send_listen(daemon_t *d)
         }
     }
     free(list);
+    /* What the database lets this node hold beyond its slots (see daemon_lease_ahead). */
+    buf_printf(&sql, "SELECT dispatch.set_lease_ahead(%ld);", d->cfg->lease_ahead);
     if (sql.oom || sql.data == NULL)
         db_lost(d, "out of memory building LISTEN");
     else
@@ -606,6 +626,7 @@ static void maybe_send(daemon_t *d, int64_t now)
     size_t ready;
     bool lease_wanted, exchange_wanted;
 
+    provider_set_max_active(d->prov, (size_t)daemon_slots(d));
     if (d->db != DB_READY || d->query != Q_NONE || now < d->pause_until)
         return;
     if (d->healthy != d->db_healthy || d->capacity != d->db_capacity) {

@@ -16,6 +16,7 @@ typedef struct {
     const char *models;          /* comma list; NULL: ask GET /v1/models */
     long max_concurrency;        /* 0: discover from the provider */
     long default_slots;          /* slots used when capacity is unreported */
+    long lease_ahead;            /* leases held beyond the slots for fast jobs; -1: as many as the slots */
     const char *provider_family; /* NULL: guess from discovery */
     const char *region;
     const char *labels;          /* JSON object text */

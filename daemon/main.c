@@ -45,6 +45,10 @@ static const config_option_t options[] = {
       "else unreported)" },
     { "default-slots", "PGDISPATCH_DEFAULT_SLOTS", CONFIG_INT, &cfg.default_slots, "4", 1, 100000,
       "jobs run at once when capacity is unreported (keep equal to the default_slots_per_node setting)" },
+    { "lease-ahead", "PGDISPATCH_LEASE_AHEAD", CONFIG_INT, &cfg.lease_ahead, "-1", -1, 100000,
+      "jobs leased beyond the slots while the provider answers faster than two database round trips; "
+      "they wait in the daemon and start as running jobs end, so no slot idles through a round trip "
+      "(-1: as many as the slots; 0: never)" },
     { "provider-family", "PGDISPATCH_PROVIDER_FAMILY", CONFIG_STRING, &cfg.provider_family, NULL, 0, 0,
       "llamacpp | vllm | sglang | ollama | openai (unset: guessed from /props, /server_info)" },
     { "region", "PGDISPATCH_REGION", CONFIG_STRING, &cfg.region, NULL, 0, 0,
@@ -141,11 +145,11 @@ int main(int argc, char **argv)
     }
     {
         char q1[512], q2[512];
-        log_info("start", "pid=%d provider=%s models=%s max_concurrency=%ld default_slots=%ld health_path=%s "
-                 "health_interval_ms=%ld request_timeout_ms=%ld grace_ms=%ld",
+        log_info("start", "pid=%d provider=%s models=%s max_concurrency=%ld default_slots=%ld lease_ahead=%ld "
+                 "health_path=%s health_interval_ms=%ld request_timeout_ms=%ld grace_ms=%ld",
                  (int)getpid(), log_quote(q1, sizeof q1, cfg.provider_url),
                  log_quote(q2, sizeof q2, cfg.models ? cfg.models : "(discover)"), cfg.max_concurrency,
-                 cfg.default_slots, cfg.health_path, cfg.health_interval_ms, cfg.request_timeout_ms,
+                 cfg.default_slots, cfg.lease_ahead, cfg.health_path, cfg.health_interval_ms, cfg.request_timeout_ms,
                  cfg.grace_ms);
     }
     status = loop_run(&cfg, sigfd);

@@ -36,6 +36,8 @@ typedef struct transfer {
     bool is_probe;
     probe_kind_t probe;
     size_t index;                /* job: position in provider.jobs */
+    bool active;                 /* job: in the multi handle (else waiting for a slot) */
+    uint64_t seq;                /* job: start order, so waiting jobs start first come first */
     job_t job;
     char errbuf[CURL_ERROR_SIZE];
 } transfer_t;
@@ -48,8 +50,11 @@ struct provider {
     struct curl_slist *sse_headers;
     provider_chunk_fn chunk_fn;
     void *chunk_ctx;
-    transfer_t **jobs;
+    transfer_t **jobs;           /* every held job: running, or waiting for a slot */
     size_t njobs, jobs_cap;
+    size_t max_active;           /* transfers run at once; 0: no limit */
+    size_t nactive;
+    uint64_t next_seq;
     transfer_t **pool;
     size_t npool, pool_cap;
     transfer_t *probes[PROBE__COUNT];
@@ -187,7 +192,8 @@ void provider_free(provider_t *p)
     if (p == NULL)
         return;
     for (size_t i = 0; i < p->njobs; i++) {
-        curl_multi_remove_handle(p->multi, p->jobs[i]->easy);
+        if (p->jobs[i]->active)
+            curl_multi_remove_handle(p->multi, p->jobs[i]->easy);
         transfer_free(p->jobs[i]);
     }
     for (size_t i = 0; i < p->npool; i++)
@@ -226,6 +232,9 @@ static void job_release(provider_t *p, transfer_t *t)
 {
     size_t i = t->index;
 
+    if (t->active)
+        p->nactive--;
+    t->active = false;
     p->jobs[i] = p->jobs[--p->njobs];
     p->jobs[i]->index = i;
     free(t->payload);
@@ -262,6 +271,7 @@ static void job_release(provider_t *p, transfer_t *t)
 static void fill_response(const transfer_t *t, CURLcode code, provider_response_t *r)
 {
     long status = 0;
+    curl_off_t total_us = 0;
 
     memset(r, 0, sizeof *r);
     curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -272,6 +282,42 @@ static void fill_response(const transfer_t *t, CURLcode code, provider_response_
     r->too_large = t->too_large;
     r->size_limit = t->limit;
     r->curl_error = code == CURLE_OK ? "" : (t->errbuf[0] ? t->errbuf : curl_easy_strerror(code));
+    if (t->active && curl_easy_getinfo(t->easy, CURLINFO_TOTAL_TIME_T, &total_us) == CURLE_OK)
+        r->service_us = (int64_t)total_us;
+}
+
+static bool has_room(const provider_t *p)
+{
+    return p->max_active == 0 || p->nactive < p->max_active;
+}
+
+/* Starts waiting jobs, oldest first, while there is room; returns whether any
+ * started. A transfer the multi handle refuses ends at once as a failed one. */
+static bool start_waiting(provider_t *p, const provider_events_t *ev, void *ctx)
+{
+    bool started = false;
+
+    while (p->nactive < p->njobs && has_room(p)) {
+        transfer_t *next = NULL;
+
+        for (size_t i = 0; i < p->njobs; i++) {
+            if (!p->jobs[i]->active && (next == NULL || p->jobs[i]->seq < next->seq))
+                next = p->jobs[i];
+        }
+        if (curl_multi_add_handle(p->multi, next->easy) == CURLM_OK) {
+            next->active = true;
+            p->nactive++;
+            started = true;
+        } else {
+            provider_response_t r;
+            job_t job = next->job;
+
+            fill_response(next, CURLE_FAILED_INIT, &r);
+            ev->job_done(ctx, &job, &r);
+            job_release(p, next);
+        }
+    }
+    return started;
 }
 
 void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
@@ -317,6 +363,8 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
             job_release(p, t);
         }
     }
+    if (start_waiting(p, ev, ctx))
+        curl_multi_perform(p->multi, &running);   /* their requests go out now */
 }
 
 void provider_kick(provider_t *p)
@@ -374,12 +422,17 @@ job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint,
     curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS,
                      p->opt.request_timeout_ms < 10000 ? p->opt.request_timeout_ms : 10000L);
     buf_free(&url);
-    if (curl_multi_add_handle(p->multi, t->easy) != CURLM_OK) {
+    /* Runs now if a slot is free and nobody is waiting for one; else waits its turn. */
+    t->active = p->nactive == p->njobs && has_room(p);
+    if (t->active && curl_multi_add_handle(p->multi, t->easy) != CURLM_OK) {
         free(t->payload);
         t->payload = NULL;
         transfer_free(t);
         return NULL;
     }
+    if (t->active)
+        p->nactive++;
+    t->seq = p->next_seq++;
     t->index = p->njobs;
     p->jobs[p->njobs++] = t;
     return &t->job;
@@ -390,7 +443,8 @@ bool provider_abort_job(provider_t *p, int64_t id, int32_t attempt)
     for (size_t i = 0; i < p->njobs; i++) {
         transfer_t *t = p->jobs[i];
         if (t->job.id == id && (attempt < 0 || t->job.attempt == attempt)) {
-            curl_multi_remove_handle(p->multi, t->easy);
+            if (t->active)
+                curl_multi_remove_handle(p->multi, t->easy);
             job_release(p, t);
             return true;
         }
@@ -401,6 +455,11 @@ bool provider_abort_job(provider_t *p, int64_t id, int32_t attempt)
 size_t provider_in_flight(const provider_t *p)
 {
     return p->njobs;
+}
+
+void provider_set_max_active(provider_t *p, size_t n)
+{
+    p->max_active = n;
 }
 
 job_t *provider_job_at(provider_t *p, size_t i)

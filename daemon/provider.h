@@ -43,6 +43,7 @@ typedef struct {
     bool too_large;              /* the body passed the size limit and was cut off */
     size_t size_limit;
     const struct provider_stream *stream;   /* set when a streaming job got a 2xx event stream */
+    int64_t service_us;          /* job: the transfer's own time, from its start to its end */
 } provider_response_t;
 
 /* How a streaming job's event stream went (its body was parsed, not kept). */
@@ -100,8 +101,10 @@ CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, in
 void provider_run(provider_t *p, const provider_events_t *ev, void *ctx);
 
 /* Starts POST {base}{endpoint} with payload (copied); job->stream says whether the
- * answer is read as an event stream (when it is one). Returns the job record (owned
- * by p, valid until the job ends or is aborted), or NULL when out of memory. */
+ * answer is read as an event stream (when it is one). At most provider_set_max_active
+ * transfers run at once: past that the job waits, and starts (first come, first
+ * served) as running ones end. Returns the job record (owned by p, valid until the
+ * job ends or is aborted), or NULL when out of memory. */
 job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint,
                           const char *payload, size_t payload_len);
 /* Sends what the newly started transfers have to send now, not after the next wait
@@ -110,8 +113,11 @@ void provider_kick(provider_t *p);
 /* Aborts the transfer of job id (any attempt when attempt < 0); no event follows.
  * Returns false when there was none. */
 bool provider_abort_job(provider_t *p, int64_t id, int32_t attempt);
-/* Running jobs, for timers: index 0..provider_in_flight()-1; order changes on removal. */
+/* Held jobs (running or waiting to), for timers: index 0..provider_in_flight()-1;
+ * order changes on removal. */
 size_t provider_in_flight(const provider_t *p);
+/* How many transfers may run at once (0: no limit); a lower limit stops no running one. */
+void provider_set_max_active(provider_t *p, size_t n);
 job_t *provider_job_at(provider_t *p, size_t i);
 job_t *provider_find_job(provider_t *p, int64_t id);
 

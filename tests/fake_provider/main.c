@@ -1,6 +1,19 @@
 /* fake-provider: a stand-in model server for tests, benchmarks and the demo. Serves
  * OpenAI-shaped endpoints with switchable latency and faults, plus /_fake/ control
- * endpoints; owns the HTTP daemon, each request's context and the fault plan. */
+ * endpoints; owns the HTTP daemon, each request's context and the fault plan.
+ *
+ * Control endpoints (not counted in the statistics):
+ *   GET|POST /_fake/config   the settings; a POSTed JSON object changes some of them
+ *   GET /_fake/stats         request counts by path, status and marker; in-flight gauge
+ *   GET /_fake/arrivals      {"arrivals": [{"user": "<marker>", "t_us": N}, ...],
+ *                            "dropped": N}: wall-clock receive time (CLOCK_REALTIME µs,
+ *                            headers and body complete, before any latency or fault) of
+ *                            each inference request that carried a marker (X-Fake-Marker
+ *                            header, else the body's "user" string), in the order
+ *                            recorded, the last FAKE_ARRIVALS_MAX only; dropped = entries
+ *                            overwritten
+ *   POST /_fake/reset        settings back to the flags; statistics and arrivals cleared
+ * Per-request headers: X-Fake-Fault, X-Fake-Latency-Ms, X-Fake-Marker. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -12,6 +25,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include <jansson.h>
 #include <microhttpd.h>
@@ -85,6 +99,7 @@ typedef enum {
     EP_OLLAMA_VERSION,
     EP_FAKE_CONFIG,   /* control endpoints: not counted in statistics */
     EP_FAKE_STATS,
+    EP_FAKE_ARRIVALS,
     EP_FAKE_RESET,
     EP_UNKNOWN,
 } endpoint_t;
@@ -106,6 +121,7 @@ static const struct {
     {"/api/version", EP_OLLAMA_VERSION},
     {"/_fake/config", EP_FAKE_CONFIG},
     {"/_fake/stats", EP_FAKE_STATS},
+    {"/_fake/arrivals", EP_FAKE_ARRIVALS},
     {"/_fake/reset", EP_FAKE_RESET},
 };
 
@@ -157,7 +173,18 @@ static bool is_inference(endpoint_t ep)
 
 static bool is_control(endpoint_t ep)
 {
-    return ep == EP_FAKE_CONFIG || ep == EP_FAKE_STATS || ep == EP_FAKE_RESET;
+    return ep == EP_FAKE_CONFIG || ep == EP_FAKE_STATS || ep == EP_FAKE_ARRIVALS
+           || ep == EP_FAKE_RESET;
+}
+
+/* Wall-clock microseconds (CLOCK_REALTIME): receive times a harness compares with its
+ * own send times taken on the same machine. */
+static int64_t wall_clock_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 static fake_request_t *request_new(struct MHD_Connection *conn, const char *url, const char *method)
@@ -480,6 +507,8 @@ static enum MHD_Result start_inference(fake_request_t *r)
         [EP_EMBEDDINGS] = FAKE_API_EMBEDDING,
     };
     fake_api_t api = apis[r->ep];
+    /* headers and body are complete now: the receive time of /_fake/arrivals */
+    int64_t received_us = wall_clock_us();
     fake_settings_t s;
     json_error_t jerr;
     json_t *req;
@@ -505,8 +534,10 @@ static enum MHD_Result start_inference(fake_request_t *r)
     marker = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Fake-Marker");
     if (!marker)
         marker = json_string_value(json_object_get(req, "user"));
-    if (marker)
+    if (marker) {
         fake_stats_marker(marker);
+        fake_arrivals_record(marker, received_us);
+    }
 
     fake_state_snapshot(&s);
     latency = choose_latency(r, &s);
@@ -544,6 +575,8 @@ static enum MHD_Result start_control(fake_request_t *r)
     switch (r->ep) {
     case EP_FAKE_STATS:
         return respond_json(r, 200, fake_stats_json());
+    case EP_FAKE_ARRIVALS:
+        return respond_json(r, 200, fake_arrivals_json());
     case EP_FAKE_RESET:
         if (!r->is_post)
             return respond_error(r, 405, "use POST", "invalid_request_error", "method_not_allowed");

@@ -1,6 +1,7 @@
-/* state: runtime settings and request statistics of the fake provider, shared by the
- * HTTP threads and changed by the /_fake/ control endpoints. Settings and per-key
- * counters sit behind mutexes; the in-flight gauge is atomic. */
+/* state: runtime settings, request statistics and the arrival ring of the fake
+ * provider, shared by the HTTP threads and changed by the /_fake/ control endpoints.
+ * Settings, per-key counters and the ring sit behind mutexes; the in-flight gauge is
+ * atomic. */
 #include "state.h"
 
 #include <pthread.h>
@@ -324,6 +325,93 @@ json_t *fake_stats_json(void)
     return out;
 }
 
+/* ---- arrivals ------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t t_us; /* CLOCK_REALTIME microseconds */
+    char *user;   /* the marker, malloc'd */
+} arrival_t;
+
+static pthread_mutex_t arrivals_lock = PTHREAD_MUTEX_INITIALIZER;
+static arrival_t *arrivals;         /* FAKE_ARRIVALS_MAX slots, allocated on first use */
+static size_t arrivals_next;        /* the slot the next arrival goes to */
+static size_t arrivals_count;       /* slots in use, at most FAKE_ARRIVALS_MAX */
+static long long arrivals_dropped;  /* overwritten or not stored since the last reset */
+
+/* A copy of at most FAKE_ARRIVAL_MARKER_MAX bytes of marker, not cut inside a UTF-8
+ * character (jansson refuses invalid UTF-8). NULL on allocation failure. */
+static char *marker_copy(const char *marker)
+{
+    size_t n = strnlen(marker, FAKE_ARRIVAL_MARKER_MAX + 1);
+
+    if (n > FAKE_ARRIVAL_MARKER_MAX) {
+        n = FAKE_ARRIVAL_MARKER_MAX;
+        /* back off over continuation bytes to the start of the character cut */
+        while (n > 0 && ((unsigned char)marker[n] & 0xC0) == 0x80)
+            n--;
+    }
+    return strndup(marker, n);
+}
+
+/* Frees every entry's marker; the caller holds arrivals_lock. */
+static void arrivals_clear_locked(void)
+{
+    for (size_t i = 0; arrivals && i < FAKE_ARRIVALS_MAX; i++) {
+        free(arrivals[i].user);
+        arrivals[i].user = NULL;
+    }
+    arrivals_next = arrivals_count = 0;
+    arrivals_dropped = 0;
+}
+
+void fake_arrivals_record(const char *marker, int64_t t_us)
+{
+    char *user = marker_copy(marker);
+
+    pthread_mutex_lock(&arrivals_lock);
+    if (!arrivals)
+        arrivals = calloc(FAKE_ARRIVALS_MAX, sizeof *arrivals);
+    if (!user || !arrivals) {
+        arrivals_dropped++; /* out of memory: counted, so a reader sees the gap */
+        pthread_mutex_unlock(&arrivals_lock);
+        free(user);
+        return;
+    }
+    if (arrivals_count == FAKE_ARRIVALS_MAX) {
+        free(arrivals[arrivals_next].user); /* the oldest entry makes room */
+        arrivals_dropped++;
+    } else {
+        arrivals_count++;
+    }
+    arrivals[arrivals_next].t_us = t_us;
+    arrivals[arrivals_next].user = user;
+    arrivals_next = (arrivals_next + 1) % FAKE_ARRIVALS_MAX;
+    pthread_mutex_unlock(&arrivals_lock);
+}
+
+json_t *fake_arrivals_json(void)
+{
+    json_t *list = json_array();
+    json_t *out;
+    size_t first;
+
+    if (!list)
+        return NULL;
+    pthread_mutex_lock(&arrivals_lock);
+    first = (arrivals_next + FAKE_ARRIVALS_MAX - arrivals_count) % FAKE_ARRIVALS_MAX;
+    for (size_t i = 0; i < arrivals_count; i++) {
+        const arrival_t *a = &arrivals[(first + i) % FAKE_ARRIVALS_MAX];
+        /* NULL for a marker that is not UTF-8 (only an X-Fake-Marker header can carry
+         * one) or on allocation failure: that entry is left out */
+        json_t *e = json_pack("{s:s, s:I}", "user", a->user, "t_us", (json_int_t)a->t_us);
+        if (e)
+            json_array_append_new(list, e);
+    }
+    out = json_pack("{s:o, s:I}", "arrivals", list, "dropped", (json_int_t)arrivals_dropped);
+    pthread_mutex_unlock(&arrivals_lock);
+    return out;
+}
+
 void fake_state_reset(void)
 {
     pthread_mutex_lock(&settings_lock);
@@ -340,6 +428,10 @@ void fake_state_reset(void)
     requests_total = aborted = 0;
     atomic_store(&max_in_flight, atomic_load(&in_flight));
     pthread_mutex_unlock(&stats_lock);
+
+    pthread_mutex_lock(&arrivals_lock);
+    arrivals_clear_locked();
+    pthread_mutex_unlock(&arrivals_lock);
 }
 
 void fake_state_free(void)
@@ -350,6 +442,9 @@ void fake_state_free(void)
     json_decref(by_status);
     json_decref(markers);
     models = initial_models = by_path = by_status = markers = NULL;
+    arrivals_clear_locked(); /* no thread is left to race with */
+    free(arrivals);
+    arrivals = NULL;
 }
 
 /* ---- random -------------------------------------------------------------------- */

@@ -1,6 +1,7 @@
 /* state: the fake provider's runtime settings (startup flags, changed by POST
- * /_fake/config, restored by /_fake/reset) and its request statistics (GET
- * /_fake/stats). Owns both; every function is safe to call from any thread. */
+ * /_fake/config, restored by /_fake/reset), its request statistics (GET
+ * /_fake/stats) and the receive times of marked requests (GET /_fake/arrivals).
+ * Owns all three; every function is safe to call from any thread. */
 #ifndef FAKE_STATE_H
 #define FAKE_STATE_H
 
@@ -66,8 +67,8 @@ json_t *fake_state_models(void);
 bool fake_state_apply(json_t *patch, char *err, size_t errlen);
 /* The current settings as JSON (new reference). */
 json_t *fake_state_config_json(void);
-/* Settings back to the startup values; statistics cleared (max_in_flight restarts
- * from the current in-flight count). */
+/* Settings back to the startup values; statistics and arrivals cleared
+ * (max_in_flight restarts from the current in-flight count). */
 void fake_state_reset(void);
 
 /* Statistics. `path` is a known endpoint path or "other". An inference request is
@@ -84,6 +85,22 @@ void fake_stats_answered(unsigned status);
 void fake_stats_aborted(void);
 void fake_stats_marker(const char *marker);
 json_t *fake_stats_json(void);
+
+/* Arrivals: when each marked inference request was received, so a harness can match
+ * its own send times to the provider's receive times by marker (same machine clock).
+ * The marker is the one fake_stats_marker() counts (X-Fake-Marker header, else the
+ * body's top-level "user" string); requests without one are not recorded. Only the
+ * last FAKE_ARRIVALS_MAX are kept (a ring), so memory stays bounded; a marker longer
+ * than FAKE_ARRIVAL_MARKER_MAX bytes is kept cut to that length (on a UTF-8 boundary). */
+#define FAKE_ARRIVALS_MAX 100000
+#define FAKE_ARRIVAL_MARKER_MAX 256
+/* t_us: CLOCK_REALTIME microseconds, taken when headers and body were complete. */
+void fake_arrivals_record(const char *marker, int64_t t_us);
+/* {"arrivals": [{"user": "...", "t_us": N}, ...], "dropped": N}: oldest recorded
+ * first (requests received at the same moment on different HTTP threads may be a few
+ * µs out of t_us order); dropped counts entries the ring overwrote (or could not
+ * store) since the last reset. New reference; NULL on allocation failure. */
+json_t *fake_arrivals_json(void);
 
 /* Thread-local pseudo-random numbers (seeded per thread) for jitter and fault rates. */
 uint64_t fake_rand_u64(void);

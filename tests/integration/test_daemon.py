@@ -77,6 +77,21 @@ def node_id(db, name):
     return db.one("SELECT id FROM dispatch.nodes WHERE name = %s", (name,))
 
 
+def drain_watching_leases(db, ids, timeout):
+    """Waits until every job of ids succeeded; returns the most jobs found leased at
+    once (each look is one snapshot of the table, taken back to back)."""
+    most = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        leased, left = db.sql("SELECT count(*) FILTER (WHERE state = 'leased'), "
+                              "count(*) FILTER (WHERE state <> 'succeeded') "
+                              "FROM dispatch.jobs WHERE id = ANY(%s)", (ids,))[0]
+        most = max(most, leased)
+        if left == 0:
+            return most
+        assert time.monotonic() < deadline, "jobs still unfinished after %s s" % timeout
+
+
 # ---------------------------------------------------------------------------- tests
 
 def test_help_lists_every_flag_with_env_and_default():
@@ -84,7 +99,8 @@ def test_help_lists_every_flag_with_env_and_default():
     out = subprocess.run([binary("pgdispatch-daemon"), "--help"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0
     text = out.stdout + out.stderr
-    for flag in ("database-url", "provider-url", "models", "max-concurrency", "default-slots", "provider-family",
+    for flag in ("database-url", "provider-url", "models", "max-concurrency", "default-slots", "lease-ahead",
+                 "provider-family",
                  "region", "labels", "health-path", "health-interval-ms", "request-timeout-ms", "grace-ms",
                  "log-level"):
         assert "--" + flag in text
@@ -98,13 +114,46 @@ def test_jobs_run_concurrently_up_to_max_and_never_beyond(db, procs):
     daemon(procs, dsn, fake, "--models", "demo", "--max-concurrency", "3", name="n1")
     wait_live(db, "n1")
     ids = submit(db, 18)
-    wait_for(lambda: all_in(db, ids), 20, what="all jobs succeeded")
+    most_leased = drain_watching_leases(db, ids, 20)
     stats = fake.stats()
     assert stats["max_in_flight"] == 3, stats
     done = jobs(db, ids)
     assert all(j["attempt"] == 1 for j in done)
     assert all(j["result"]["object"] == "chat.completion" for j in done), done[0]["result"]
     assert db.one("SELECT max_concurrency FROM dispatch.nodes WHERE name = 'n1'") == 3
+    # 150 ms jobs are far slower than a round trip: no lease is held beyond the slots.
+    assert most_leased == 3
+
+
+def test_fast_jobs_are_leased_ahead_yet_never_run_beyond_max(db, procs):
+    """With an instant provider the node holds more leases than slots (they wait in the
+    daemon), while the provider never sees more than max concurrency at once; every job
+    runs exactly once."""
+    fake = Fake(procs)
+    dsn = db.enroll("n1")
+    daemon(procs, dsn, fake, "--models", "demo", "--max-concurrency", "2", name="n1")
+    wait_live(db, "n1")
+    assert db.one("SELECT lease_ahead FROM dispatch.nodes WHERE name = 'n1'") == -1
+    db.sql("SELECT dispatch.set_setting('queue_depth_per_slot', 1000)")
+    ids = submit(db, 2000)
+    most_leased = drain_watching_leases(db, ids, 60)
+    stats = fake.stats()
+    assert 1 <= stats["max_in_flight"] <= 2, stats   # an instant answer may end before the next request
+    assert stats["by_path"]["/v1/chat/completions"] == 2000, stats
+    assert all(j["attempt"] == 1 for j in jobs(db, ids))
+    assert 2 < most_leased <= 4
+
+
+def test_lease_ahead_0_keeps_to_the_slots(db, procs):
+    fake = Fake(procs)
+    dsn = db.enroll("n1")
+    daemon(procs, dsn, fake, "--models", "demo", "--max-concurrency", "2", "--lease-ahead", "0", name="n1")
+    wait_live(db, "n1")
+    db.sql("SELECT dispatch.set_setting('queue_depth_per_slot', 1000)")
+    ids = submit(db, 2000)
+    most_leased = drain_watching_leases(db, ids, 60)
+    assert db.one("SELECT lease_ahead FROM dispatch.nodes WHERE name = 'n1'") == 0
+    assert most_leased == 2
 
 
 def test_two_daemons_share_load_and_a_busy_one_blocks_nothing(db, procs):

@@ -583,6 +583,36 @@ def test_markers_count_requests_per_job(fake):
     assert s["aborted"] == 0 and s["in_flight"] == 0
 
 
+def test_arrivals_record_marked_requests_with_wall_clock_time(fake):
+    f = fake()
+    f.config(latency_ms=300)
+    t_before = time.time()
+    assert f.post(CHAT, chat_body("x", user="job-a"))[0] == 200
+    t_after = time.time()
+    f.post(CHAT, chat_body("no marker"))
+    f.post("/v1/completions", {"model": "m", "prompt": "p", "user": "job-b"}, {"X-Fake-Fault": "500"})
+    f.post("/v1/embeddings", {"model": "m", "input": "i", "user": "job-c"})
+    f.post("/v1/completions", {"model": "m", "prompt": "p"}, {"X-Fake-Marker": "job-d"})
+
+    status, doc = f.get_json("/_fake/arrivals")
+    assert status == 200
+    arr = doc["arrivals"]
+    # only marked requests, oldest first; faulted ones were still received
+    assert [a["user"] for a in arr] == ["job-a", "job-b", "job-c", "job-d"]
+    assert doc["dropped"] == 0
+    assert all(isinstance(a["t_us"], int) for a in arr)
+    assert [a["t_us"] for a in arr] == sorted(a["t_us"] for a in arr)
+    # wall-clock µs, taken on arrival: before the 300 ms latency, not after it
+    t_a = arr[0]["t_us"] / 1e6
+    assert t_before - 0.05 <= t_a <= t_after
+    assert t_a < t_after - 0.25
+    # the control endpoint itself is not a counted request
+    assert "/_fake/arrivals" not in f.stats()["by_path"]
+
+    assert f.post("/_fake/reset", {})[0] == 200
+    assert f.get_json("/_fake/arrivals")[1] == {"arrivals": [], "dropped": 0}
+
+
 # ---- process ---------------------------------------------------------------------------
 
 

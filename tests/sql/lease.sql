@@ -2,7 +2,7 @@
 -- Identity from the session, ordering, slots, served models, admin state and health.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(103);
+SELECT plan(115);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -28,6 +28,7 @@ SELECT throws_ok($$SELECT * FROM dispatch.report('healthy')$$, 'PD005', NULL, 'r
 SELECT throws_ok($$SELECT dispatch.deregister()$$, 'PD005', NULL, 'deregister: before register is PD005');
 SELECT throws_ok($$SELECT dispatch.next_wake()$$, 'PD005', NULL, 'next_wake: before register is PD005');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange(NULL, 1)$$, 'PD005', NULL, 'exchange: before register is PD005');
+SELECT throws_ok($$SELECT dispatch.set_lease_ahead(1)$$, 'PD005', NULL, 'set_lease_ahead: before register is PD005');
 SELECT throws_ok($$SELECT dispatch.complete(1, 1, '{}')$$, 'PD005', NULL, 'complete: before register is PD005');
 SELECT throws_ok($$SELECT dispatch.fail(1, 1, '{}', true)$$, 'PD005', NULL, 'fail: before register is PD005');
 SELECT throws_ok($$SELECT * FROM dispatch.extend(ARRAY[1::bigint], ARRAY[1])$$, 'PD005', NULL,
@@ -193,6 +194,26 @@ SELECT is(count(dispatch.submit('m3', NULL, '{}')), 3::bigint, 'three jobs for m
 SET SESSION AUTHORIZATION dispatch_node_gpu_b;
 SELECT is((SELECT count(*) FROM dispatch.lease(10)), 2::bigint, 'lease: an unreported node gets default_slots_per_node slots');
 RESET SESSION AUTHORIZATION;
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'leased';
+
+------------------------------------------------------------------------------
+-- set_lease_ahead: leases beyond the slots, only for a node that asked for them
+------------------------------------------------------------------------------
+SELECT is(count(dispatch.submit('m3', NULL, '{}')), 4::bigint, 'four more jobs for m3 (five queued)') FROM generate_series(1, 4);
+SET SESSION AUTHORIZATION dispatch_node_gpu_b;
+SELECT throws_ok($$SELECT dispatch.set_lease_ahead(-2)$$, '22023',
+                 'lease-ahead must be -1 (as many as the slots) or 0 to 100000 jobs, got -2',
+                 'set_lease_ahead: below -1 is refused');
+SELECT throws_ok($$SELECT dispatch.set_lease_ahead(NULL)$$, '22023', NULL, 'set_lease_ahead: NULL is refused');
+SELECT is(dispatch.set_lease_ahead(1), 1, 'set_lease_ahead 1');
+SELECT is((SELECT count(*) FROM dispatch.lease(10)), 3::bigint, 'lease: 2 slots and 1 ahead, 3 leases');
+SELECT is_empty($$SELECT * FROM dispatch.lease(10)$$, 'lease: holding slots and allowance, none more');
+SELECT is(dispatch.set_lease_ahead(-1), -1, 'set_lease_ahead -1: as many as the slots');
+SELECT is((SELECT count(*) FROM dispatch.lease(10)), 1::bigint, 'lease: -1 lets 2 slots hold 4 (3 held, 1 more)');
+SELECT is(dispatch.set_lease_ahead(0), 0, 'set_lease_ahead 0');
+SELECT is_empty($$SELECT * FROM dispatch.lease(10)$$, 'lease: back to 0 ahead, 4 held on 2 slots, none more');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT lease_ahead FROM dispatch.nodes WHERE name = 'gpu-b'), 0, 'the allowance is kept on the node');
 UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'leased';
 
 SELECT is(dispatch.drain('gpu-b'), 'draining', 'drain gpu-b');

@@ -25,7 +25,7 @@ SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_gatew
     'the gateway role executes exactly the gateway functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_daemon' ORDER BY 1$$,
     $$VALUES ('complete'), ('deregister'), ('exchange'), ('extend'), ('fail'), ('lease'), ('model_channel'),
-             ('next_wake'), ('node_channel'), ('register'), ('report'), ('stream')$$,
+             ('next_wake'), ('node_channel'), ('register'), ('report'), ('set_lease_ahead'), ('stream')$$,
     'the daemon role executes exactly the daemon functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_admin' ORDER BY 1$$,
     $$VALUES ('api_keys'), ('cancel'), ('capacity'), ('check_api_key'), ('clear_capacity'), ('create_api_key'),

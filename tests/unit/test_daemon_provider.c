@@ -12,13 +12,14 @@
 
 static provider_response_t http(long status, const char *body)
 {
-    provider_response_t r = { CURLE_OK, status, body, strlen(body), "", false, 1 << 20, NULL };
+    provider_response_t r = { .curl_code = CURLE_OK, .status = status, .body = body, .body_len = strlen(body),
+                              .curl_error = "", .size_limit = 1 << 20 };
     return r;
 }
 
 static provider_response_t transport(CURLcode code, const char *msg)
 {
-    provider_response_t r = { code, 0, "", 0, msg, false, 1 << 20, NULL };
+    provider_response_t r = { .curl_code = code, .body = "", .curl_error = msg, .size_limit = 1 << 20 };
     return r;
 }
 

@@ -460,7 +460,8 @@ static void test_relay_failures(void **state)
 static void test_stream_verdicts(void **state)
 {
     provider_stream_t ps = { 0 };
-    provider_response_t r = { CURLE_OK, 200, "", 0, "", false, 1 << 20, &ps };
+    provider_response_t r = { .curl_code = CURLE_OK, .status = 200, .body = "", .curl_error = "",
+                              .size_limit = 1 << 20, .stream = &ps };
     provider_verdict_t v;
 
     (void)state;
