@@ -1444,6 +1444,7 @@ def w_b9(bench, w):
 # --------------------------------------------------------- physical limits ---
 
 PGBENCH_PLAIN = "INSERT INTO commit_probe (v) VALUES (1);\n"
+PGBENCH_SELECT1 = "SELECT 1;\n"
 PGBENCH_NOTIFY = "BEGIN;\nINSERT INTO commit_probe (v) VALUES (1);\nNOTIFY commit_probe;\nCOMMIT;\n"
 PGBENCH_EXCHANGE = """\\if :reg = 0
 SELECT 1 AS reg FROM dispatch.register('llamacpp', ARRAY['probe'], :conc::int) \\gset
@@ -1483,6 +1484,10 @@ def measure_limits(bench):
     lim["notify_commit_tps_8_clients"] = pgbench(bench, "bench_raw", PGBENCH_NOTIFY, 8, secs)
     # One client: the latency of a single commit (fsync), the floor under B2's submit.
     lim["commit_tps_1_client"] = pgbench(bench, "bench_raw", PGBENCH_PLAIN, 1, secs)
+    # One client, no disk: a bare round trip between two processes. Every hop of a
+    # request (client, backend, daemon, provider, gateway) pays such a wake-up; on a
+    # virtual machine whose idle vCPUs halt, that is the floor under B2 and B4.
+    lim["select1_tps_1_client"] = pgbench(bench, "bench_raw", PGBENCH_SELECT1, 1, secs, mode="prepared")
     # SQL floor: one session completes the jobs it holds and leases as many again, as
     # the daemon does, without HTTP or the daemon (pgbench as the node's role).
     db = bench.new_db("sqlfloor")
@@ -1598,6 +1603,10 @@ def write_report(data):
         if lim.get("commit_tps_1_client"):
             a("| single-row INSERT commits/s, 1 client (mean commit latency %.2f ms: the floor under one "
               "submit) | %.0f |" % (1000.0 / lim["commit_tps_1_client"], lim["commit_tps_1_client"]))
+        if lim.get("select1_tps_1_client"):
+            a("| `SELECT 1` round trips/s, 1 client, no disk (mean %.3f ms: the cost of one wake-up of a "
+              "process by another, paid at every hop of a request) | %.0f |"
+              % (1000.0 / lim["select1_tps_1_client"], lim["select1_tps_1_client"]))
         a("| SQL only: one session, `dispatch.exchange` completing 10 and leasing 10 (jobs/s) | %.0f |"
           % lim["sql_exchange_jobs_per_s_c10"])
         a("| same with 64 per round trip (jobs/s) | %.0f |" % lim["sql_exchange_jobs_per_s_c64"])
