@@ -1635,10 +1635,6 @@ def write_report(data):
                 wid, len(r["errors"]), wid))
         for f in r["figures"]:
             med = fmt_val(f["median"], f["fmt"])
-            # a figure known only within bounds (B2 results stored before the fake provider
-            # recorded receive times) shows lower .. upper
-            if "upper_median" in f:
-                med = "%s .. %s" % (med, fmt_val(f["upper_median"], f["fmt"]))
             a("| %s | %s | %s | %s %s | %s | %s |" % (
                 wid, f["name"], target_text(f), med, f["unit"] if f["median"] is not None else "",
                 verdict_text(f["pass"]), ", ".join(fmt_val(v, f["fmt"]) for v in f["values"])))
@@ -1680,12 +1676,9 @@ def write_report(data):
             a("```")
             a("")
         for f in r.get("figures", []):
-            a("- **%s**: %s %s (repeats: %s) — target %s — %s%s" % (
+            a("- **%s**: %s %s (repeats: %s) — target %s — %s" % (
                 f["name"], fmt_val(f["median"], f["fmt"]), f["unit"],
-                ", ".join(fmt_val(v, f["fmt"]) for v in f["values"]), target_text(f), verdict_text(f["pass"]),
-                ("; upper bound %s (repeats: %s)" % (fmt_val(f.get("upper_median"), f["fmt"]),
-                                                      ", ".join(fmt_val(v, f["fmt"]) for v in f["upper_values"]))
-                 if "upper_median" in f else "")))
+                ", ".join(fmt_val(v, f["fmt"]) for v in f["values"]), target_text(f), verdict_text(f["pass"])))
             if f.get("note"):
                 a("  - %s" % f["note"])
         for n in r.get("notes", []):
@@ -1741,12 +1734,10 @@ def details_b2(a, r):
       "submit→finished p50/p95/p99/max ms | submit call p50/p99 ms | schedule lag p99 ms |")
     a("|---|---|---|---|---|---|---|")
     for x in r["raw"]:
-        # results stored before the provider recorded receive times have no submit_to_provider_ms
-        d = lambda k: "/".join(fmt_val(x.get(k, {}).get(p), "%.2f")  # noqa: E731
-                               for p in ("p50", "p95", "p99", "max"))
-        n = x.get("submit_to_provider_ms", {}).get("n")
+        d = lambda k: "/".join(fmt_val(x[k][p], "%.2f") for p in ("p50", "p95", "p99", "max"))  # noqa: E731
         a("| %s | %s | %s (%s) | %s | %s | %s/%s | %s |" % (
-            x["repeat"], x["submitted"], d("submit_to_provider_ms"), fmt_val(n, "%d"), d("submit_to_lease_ms"),
+            x["repeat"], x["submitted"], d("submit_to_provider_ms"), x["submit_to_provider_ms"]["n"],
+            d("submit_to_lease_ms"),
             d("submit_to_finished_ms"), x["submit_call_ms"]["p50"], x["submit_call_ms"]["p99"],
             x["schedule_lag_ms"]["p99"]))
 
@@ -1832,12 +1823,11 @@ def details_b8(a, r):
     a("|---|---|---|---|---|---|---|---|")
     for x in r["raw"]:
         s, lo = x["saturated"], x["low"]
-        # results stored before the provider recorded receive times have no submit_to_provider_ms
-        prov = lo.get("submit_to_provider_ms", {})
+        prov = lo["submit_to_provider_ms"]
         a("| %s | %.0f | %s / %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |" % (
             x["repeat"], s["jobs_per_s"], s["statements_per_job"], s["toplevel_per_job"], x["low_rate"],
             lo.get("statements_per_job"), lo.get("toplevel_per_job"), s.get("notifying_commits_per_job"),
-            lo.get("notifying_commits_per_job"), fmt_val(prov.get("p50"), "%s"), fmt_val(prov.get("p99"), "%s"),
+            lo.get("notifying_commits_per_job"), prov["p50"], prov["p99"],
             lo["submit_to_lease_ms"]["p50"], lo["submit_to_lease_ms"]["p99"]))
 
 

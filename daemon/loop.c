@@ -147,8 +147,8 @@ static long daemon_slots(const daemon_t *d)
  * leases its next one runs. Only while the provider answers faster than two round
  * trips: a job then waits here about as long as that round trip would have made it
  * wait anyway. With slower jobs, a lease kept waiting here could have been started
- * sooner by an idle node, so none is held. The database allows what register's
- * companion dispatch.set_lease_ahead was told (the same flag). */
+ * sooner by an idle node, so none is held. The database allows the extra leases
+ * because the daemon passes this flag to dispatch.set_lease_ahead on connecting. */
 static long daemon_lease_ahead(const daemon_t *d)
 {
     if (d->cfg->lease_ahead == 0 || d->service_us == 0 || d->rtt_us == 0 || d->service_us > 2 * d->rtt_us)
