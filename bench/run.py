@@ -575,35 +575,32 @@ class Workload:
 
 # ------------------------------------------------------------ drain runs (B1, B5, B8) ---
 
-def provider_arrivals(provider, tries=20):
-    """Inference requests the fake provider has received so far (GET /_fake/stats;
-    HTTP only, so waiting on it adds nothing to the database's counts). A loaded
-    machine can make one poll time out: retried."""
+def provider_get(provider, path, timeout=5.0, tries=20):
+    """The JSON document at one of the fake provider's /_fake/ endpoints (HTTP only, so
+    asking adds nothing to the database's counts). A loaded machine can make one
+    request time out: retried while the provider is alive."""
     for i in range(tries):
         try:
-            _st, body = http_get(provider.url + "/_fake/stats", timeout=5.0)
-            return json.loads(body).get("by_path", {}).get("/v1/chat/completions", 0)
+            _st, body = http_get(provider.url + path, timeout=timeout)
+            return json.loads(body)
         except OSError:
             if i == tries - 1 or not provider.alive():
                 raise
             time.sleep(0.1)
 
 
-def provider_receive_times(provider, tries=20):
+def provider_arrivals(provider):
+    """Inference requests the fake provider has received so far (GET /_fake/stats)."""
+    return provider_get(provider, "/_fake/stats").get("by_path", {}).get("/v1/chat/completions", 0)
+
+
+def provider_receive_times(provider):
     """{marker: receive time (epoch seconds)} of the marked inference requests the fake
     provider has received (GET /_fake/arrivals: its wall clock, taken when a request's
     headers and body were complete; the same machine clock as the harness's
     time.time()). A marker seen twice keeps its first arrival. Returns (times, dropped),
     dropped being the entries the provider's ring had to overwrite."""
-    for i in range(tries):
-        try:
-            _st, body = http_get(provider.url + "/_fake/arrivals", timeout=10.0)
-            break
-        except OSError:
-            if i == tries - 1 or not provider.alive():
-                raise
-            time.sleep(0.1)
-    doc = json.loads(body)
+    doc = provider_get(provider, "/_fake/arrivals", timeout=10.0)
     times = {}
     for a in doc["arrivals"]:
         times.setdefault(a["user"], a["t_us"] / 1e6)
