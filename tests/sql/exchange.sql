@@ -3,7 +3,7 @@
 -- now() is fixed inside the test transaction: time passes by moving rows' timestamps.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(102);
+SELECT plan(106);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -309,6 +309,24 @@ SELECT is((SELECT count(*) FROM dispatch.exchange(format('[{"id":%s,"attempt":1,
           0::bigint, 'gpu-a completes w7');
 SELECT is(current_setting('synchronous_commit'), 'on', 'an exchange that settles an outcome keeps the durable commit');
 RESET SESSION AUTHORIZATION;
+-- The same when the call also meets a job whose deadline passed in the queue, so that
+-- it looks again for the slot that job left: the second look settles nothing, yet the
+-- outcome settled in the first must still wait for the disk.
+SELECT dispatch.submit('m1', NULL, '{}') AS w8 \gset
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is((SELECT id FROM dispatch.lease(1)), :w8::bigint, 'gpu-a leases w8');
+RESET SESSION AUTHORIZATION;
+SELECT dispatch.submit('m1', NULL, '{}', 0, '1 hour') AS w9 \gset
+UPDATE dispatch.jobs SET deadline = now() - interval '1 s' WHERE id = :w9;
+SET synchronous_commit = on;
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT results_eq(format($$SELECT kind, id FROM dispatch.exchange('[{"id":%s,"attempt":1,"result":{}}]', 1)$$, :w8),
+                  $$VALUES ('wake', NULL::bigint)$$,
+                  'exchange: w8 settled, w9 met expired in the queue, nothing left to lease');
+SELECT is(current_setting('synchronous_commit'), 'on',
+          'an exchange that settles an outcome and looks again keeps the durable commit');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT state FROM dispatch.jobs WHERE id = :w9), 'expired', 'w9 ended expired');
 
 ------------------------------------------------------------------------------
 -- The wake row is computed in the statement that settles: a lease settled in it is
