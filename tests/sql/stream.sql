@@ -2,7 +2,7 @@
 -- stale attempts, validates its input, and is the daemon's alone.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(12);
+SELECT plan(14);
 GRANT USAGE ON SCHEMA public TO PUBLIC;
 
 SELECT dispatch.enroll('st-a') AS role_a \gset
@@ -43,6 +43,15 @@ RESET SESSION AUTHORIZATION;
 SET SESSION AUTHORIZATION dispatch_node_st_b;
 SELECT results_eq(format($$SELECT * FROM dispatch.stream('[{"id":%s,"attempt":1,"seq":2,"more":false,"data":"x"}]')$$, :job),
                   format($$VALUES (%s::bigint, 1, false)$$, :job), 'stream: another node''s job gets ok = false');
+RESET SESSION AUTHORIZATION;
+
+-- A node role whose daemon has not registered in this session relays nothing.
+SELECT dispatch.enroll('st-c') AS role_c \gset
+SET SESSION AUTHORIZATION dispatch_node_st_c;
+SELECT throws_ok(format($$SELECT * FROM dispatch.stream('[{"id":%s,"attempt":1,"seq":3,"more":false,"data":"x"}]')$$, :job),
+                 'PD005', NULL, 'stream: a node not registered in this session is refused');
+SELECT throws_ok($$SELECT * FROM dispatch.stream('[]')$$, 'PD005', NULL,
+                 'stream: even with an empty batch');
 RESET SESSION AUTHORIZATION;
 
 SELECT ok(NOT has_function_privilege('dispatch_gateway', 'dispatch.stream(json)', 'EXECUTE'), 'stream: not for the gateway');
