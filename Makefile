@@ -118,8 +118,11 @@ clean: ## remove build output
 $(BUILD)/loadgen: bench/loadgen.c
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/loadgen.c -lm
+$(BUILD)/hopfloor: bench/hopfloor.c
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ bench/hopfloor.c -lpq -lm
 
-bench: deps $(BINARIES) $(BUILD)/loadgen ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
+bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
 
 .PHONY: test-compose

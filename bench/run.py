@@ -334,7 +334,7 @@ class Bench:
         self.snap = os.path.join(self.out, "snapshot")
         os.makedirs(os.path.join(self.snap, "bin"))
         self.snap_sums = {}
-        for name in ("pgdispatch-daemon", "pgdispatch-gateway", "fake-provider", "loadgen"):
+        for name in ("pgdispatch-daemon", "pgdispatch-gateway", "fake-provider", "loadgen", "hopfloor"):
             src = os.path.join(BUILD, name)
             if os.path.exists(src):
                 dst = os.path.join(self.snap, "bin", name)
@@ -1485,6 +1485,20 @@ def measure_limits(bench):
     # request (client, backend, daemon, provider, gateway) pays such a wake-up; on a
     # virtual machine whose idle vCPUs halt, that is the floor under B2 and B4.
     lim["select1_tps_1_client"] = pgbench(bench, "bench_raw", PGBENCH_SELECT1, 1, secs, mode="prepared")
+    # The floor of B2's and B4's paths with trivial SQL: a durable submit + NOTIFY, the
+    # woken listener's lease, a durable settle + NOTIFY, the woken client's read; one at a
+    # time, no HTTP (bench/hopfloor.c). Same socket and role as the pgbench probes.
+    exe = bench.binary("hopfloor")
+    count, rate = bench.n(2000, 300), 200
+    dsn = "host=%s port=%d user=%s dbname=bench_raw" % (bench.cluster.sockdir, bench.cluster.port, OBSERVER)
+    try:
+        r = subprocess.run([exe, "--dsn", dsn, "--count", str(count), "--rate", str(rate)],
+                           capture_output=True, text=True, timeout=count / rate + 60)
+        if r.returncode != 0:
+            raise BenchError("hopfloor failed: %s %s" % (r.stdout[-500:], r.stderr[-500:]))
+        lim["hopfloor"] = json.loads(r.stdout)
+    except (subprocess.TimeoutExpired, ValueError) as e:
+        raise BenchError("hopfloor failed: %s" % e) from e
     # SQL floor: one session completes the jobs it holds and leases as many again, as
     # the daemon does, without HTTP or the daemon (pgbench as the node's role).
     db = bench.new_db("sqlfloor")
@@ -1604,12 +1618,24 @@ def write_report(data):
             a("| `SELECT 1` round trips/s, 1 client, no disk (mean %.3f ms: the cost of one wake-up of a "
               "process by another, paid at every hop of a request) | %.0f |"
               % (1000.0 / lim["select1_tps_1_client"], lim["select1_tps_1_client"]))
+        hf = lim.get("hopfloor")
+        if hf:
+            a("| floor of B2's path with trivial SQL: durable INSERT + NOTIFY, the woken listener's UPDATE "
+              "(async commit), no HTTP; p50 / p99 ms (hopfloor, %d at %g/s, one at a time) | %.2f / %.2f |"
+              % (hf["count"], hf["rate"], hf["submit_to_lease_ms"]["p50"], hf["submit_to_lease_ms"]["p99"]))
+            a("| floor of B4's path with trivial SQL: the above, then a durable UPDATE + NOTIFY and the woken "
+              "client's SELECT; no HTTP at all; p50 / p99 ms | %.2f / %.2f |"
+              % (hf["request_ms"]["p50"], hf["request_ms"]["p99"]))
         a("| SQL only: one session, `dispatch.exchange` completing 10 and leasing 10 (jobs/s) | %.0f |"
           % lim["sql_exchange_jobs_per_s_c10"])
         a("| same with 64 per round trip (jobs/s) | %.0f |" % lim["sql_exchange_jobs_per_s_c64"])
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")
         a("the daemon makes, with no HTTP, no daemon and no provider sharing the 2 cores.")
+        if hf:
+            a("The two floor rows are lower bounds for any design that durably records a request before")
+            a("dispatching it (B2) and durably records its result before answering (B4): B2's p50 target")
+            a("(1 ms) and B4's added p50 target (1 ms) are compared against them.")
         a("")
     a("## Summary")
     a("")
@@ -1964,7 +1990,12 @@ METHOD = [
     "time). MiB = 1,048,576 bytes.",
     "**Physical limits.** pgbench against the same server in the same run: single-row INSERT commits with 8 "
     "clients, then the same with a NOTIFY in each transaction; and the SQL-only round trip of the daemon "
-    "(pgbench as a node role calling `dispatch.exchange` with the previous batch's outcomes).",
+    "(pgbench as a node role calling `dispatch.exchange` with the previous batch's outcomes). The path "
+    "floors come from bench/hopfloor.c (C, libpq, one thread polling two connections, 200 requests/s, one "
+    "at a time): a durable INSERT + NOTIFY; the listening connection, once woken, UPDATEs the row in an "
+    "asynchronously committed transaction (B2's floor: the real path adds the daemon's HTTP request to the "
+    "provider); then a durable UPDATE + NOTIFY, and the first connection, once woken, SELECTs the result "
+    "(B4's floor: the real path adds two HTTP exchanges and the gateway). Each is timed from its send.",
 ]
 
 
