@@ -3,9 +3,11 @@
 -- or not) cost more than running it: an exchange with nothing to do spent ~0.55 ms
 -- of server time, 43 % of it in ExecInitNode (bench/CHANGES.md). The statement now
 -- does only the row work (settle, lease, the wake time); the bookkeeping around it
--- moves into this function's PL/pgSQL, in expressions that need no executor: one
--- NOTIFY per reply channel is built from the finished rows, which the statement
--- returns ordered by channel, and the synchronous_commit choice is made here.
+-- moves into this function's PL/pgSQL, in expressions that need no executor: the
+-- reply NOTIFYs (one per reply channel) are built from the finished rows, which the
+-- statement returns ordered by channel, and sent by one small statement only when
+-- there are any (a statement, so that pg_stat_statements still shows every call that
+-- notifies); the synchronous_commit choice is made here.
 -- Expired leases on the node's models, which the statement used to take back in
 -- every call's plan, are only detected by it (one index probe); the rare call that
 -- finds some takes them back in a statement of its own and then leases.
@@ -35,6 +37,8 @@ DECLARE
     v_channel text;                    -- the reply NOTIFY being built
     v_ids text;
     v_in_payload integer := 0;
+    v_notify_channels text[];          -- the reply NOTIFYs built so far
+    v_notify_payloads text[];
     v_requeued text[];
     v_back_models text[];
     v_back_channels text[];
@@ -232,7 +236,8 @@ BEGIN
                 IF x.channel IS NOT NULL THEN
                     IF x.channel IS DISTINCT FROM v_channel OR v_in_payload = 350 THEN
                         IF v_in_payload > 0 THEN
-                            v_ignored := pg_notify(v_channel, v_ids);
+                            v_notify_channels := v_notify_channels || v_channel;
+                            v_notify_payloads := v_notify_payloads || v_ids;
                         END IF;
                         v_channel := x.channel;
                         v_ids := x.id::text;
@@ -256,7 +261,8 @@ BEGIN
             PERFORM dispatch._session_node(true);  -- raises the error that says what to do
         END IF;
         IF v_in_payload > 0 THEN
-            v_ignored := pg_notify(v_channel, v_ids);
+            v_notify_channels := v_notify_channels || v_channel;
+            v_notify_payloads := v_notify_payloads || v_ids;
             v_channel := NULL;
             v_in_payload := 0;
         END IF;
@@ -279,6 +285,9 @@ BEGIN
         v_want := p_max_jobs - v_leased;
     END LOOP;
 
+    IF v_notify_channels IS NOT NULL THEN
+        PERFORM pg_notify(n.channel, n.payload) FROM unnest(v_notify_channels, v_notify_payloads) AS n(channel, payload);
+    END IF;
     IF v_requeued IS NOT NULL THEN
         v_ignored := dispatch._notify_models(v_requeued);
     END IF;
