@@ -1,11 +1,11 @@
 -- 005: a smaller exchange statement. Starting the executor for exchange's one
 -- statement (about 120 plan nodes, every one initialised on every call whether used
--- or not) cost more than running it: an exchange with nothing to do spent ~0.55 ms
--- of server time, 43 % of it in ExecInitNode (bench/CHANGES.md). The statement now
--- does only the row work (settle, lease, the wake time); the bookkeeping around it
--- moves into this function's PL/pgSQL, in expressions that need no executor: the
--- reply NOTIFYs (one per reply channel) are built from the finished rows, which the
--- statement returns ordered by channel, and sent by one small statement only when
+-- or not) cost more than running it: an exchange with nothing to do took ~0.6 ms a
+-- round trip, 43 % of its backend's CPU in ExecInitNode (bench/CHANGES.md). The
+-- statement now does only the row work (settle, lease, the wake time); the bookkeeping
+-- around it moves into this function's PL/pgSQL, in expressions that need no executor:
+-- the reply NOTIFYs (one per reply channel) are built from the finished rows, which
+-- the statement returns ordered by channel, and sent by one small statement only when
 -- there are any (a statement, so that pg_stat_statements still shows every call that
 -- notifies); the synchronous_commit choice is made here.
 -- Expired leases on the node's models, which the statement used to take back in
