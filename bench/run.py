@@ -1261,8 +1261,7 @@ def w_b7(bench, w):
                                    timeout=120, drain=90)
                 sampling[0] = False
                 th.join()
-                _st, body = http_get(provider.url + "/_fake/stats")
-                stats = json.loads(body)
+                stats = provider_get(provider, "/_fake/stats")
                 r = {"repeat": rep, "gateway_hwm_kb": g.status_kb("VmHWM"), "daemon_hwm_kb": d.status_kb("VmHWM"),
                      "idle_rss_kb": idle, "sampled_peak_rss_kb": peak_rss, "loadgen": lg,
                      "provider_max_in_flight": stats.get("max_in_flight"),
