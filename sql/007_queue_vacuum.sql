@@ -1,7 +1,7 @@
 -- 007: dispatch.jobs is vacuumed after a fixed number of row changes, not after a
 -- fifth of the table has changed (PostgreSQL's default).
 --
--- A job leaves the lease index path by an UPDATE; its old entry in jobs_queued (and
+-- A job leaves the queue by an UPDATE; its old entry in jobs_queued (and
 -- its leased entry in jobs_lease_expiry, once settled) stays in the index, marked
 -- dead, until VACUUM removes it. Every lease scans the queue index from its head, so
 -- it steps over every job leased since the last vacuum: measured by hand, a node
