@@ -1448,6 +1448,22 @@ SELECT 1 AS reg FROM dispatch.register('llamacpp', ARRAY['probe'], :conc::int) \
 SELECT coalesce(json_agg(json_build_object('id', e.id, 'attempt', e.attempt, 'result', json_build_object('ok', true))), 'null') AS out FROM dispatch.exchange(NULLIF(:out::text, 'null')::json, :conc::int) e WHERE e.kind = 'job' \\gset
 """
 
+# BENCHMARKS.md's reference round trip: settle the jobs held by id and lease as many
+# more, in one statement, with none of exchange's rules (fencing by attempt, outcome
+# validation, reply NOTIFYs, deadlines, expired leases, the wake time). Its LIMIT is a
+# literal: as a parameter, pgbench's prepared statement switches to a generic plan that
+# costs it a third of its rate.
+PGBENCH_BARE = """WITH done AS (UPDATE dispatch.jobs SET state = 'succeeded', result = json_build_object('ok', true),
+                     finished_at = now(), lease_expires_at = NULL
+              WHERE id = ANY (:ids::bigint[]) AND state = 'leased' RETURNING id),
+     pick AS (SELECT id FROM dispatch.jobs WHERE state = 'queued' AND model = 'probe' AND run_at <= now()
+              ORDER BY priority DESC, run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED),
+     taken AS (UPDATE dispatch.jobs j SET state = 'leased', leased_by = :node, attempt = j.attempt + 1,
+                      lease_expires_at = now() + interval '60 s', started_at = now()
+               FROM pick WHERE j.id = pick.id RETURNING j.id, j.payload)
+SELECT coalesce(array_agg(id), '{}') AS ids, (SELECT count(*) FROM done) AS settled FROM taken \\gset
+"""
+
 
 def pgbench(bench, dbname, script, clients, seconds, user=OBSERVER, defines=(), mode="simple"):
     path = os.path.join(bench.out, "pgbench-%d.sql" % abs(hash(script)))
@@ -1506,18 +1522,31 @@ def measure_limits(bench):
               SELECT 'probe', '/v1/chat/completions', '{"model":"probe"}', 3 FROM generate_series(1, %s)""",
            (bench.n(600000, 60000),))
     db.sql("VACUUM ANALYZE dispatch.jobs")
-    for conc in (10, 64):
+
+    def completed_per_s(script, user, defines):
+        """Jobs/s one pgbench session running `script` completes. Each probe starts from a
+        vacuumed queue: the jobs an earlier probe leased leave dead entries at the head of
+        the queue index that its leases would step over."""
+        db.sql("VACUUM dispatch.jobs")
         before = db.one("SELECT count(*) FROM dispatch.jobs WHERE state = 'succeeded'")
         t = time.monotonic()
-        pgbench(bench, db.name, PGBENCH_EXCHANGE, 1, secs, user=role,
-                defines=(("reg", "0"), ("out", "null"), ("conc", str(conc))), mode="prepared")
+        pgbench(bench, db.name, script, 1, secs, user=user, defines=defines, mode="prepared")
         el = time.monotonic() - t
-        after = db.one("SELECT count(*) FROM dispatch.jobs WHERE state = 'succeeded'")
-        lim["sql_exchange_jobs_per_s_c%d" % conc] = round((after - before) / el, 1)
+        done = db.one("SELECT count(*) FROM dispatch.jobs WHERE state = 'succeeded'") - before
         db.sql("SELECT dispatch.requeue(array_agg(id)) FROM dispatch.jobs WHERE state = 'leased'")
+        return round(done / el, 1)
+
+    for conc in (10, 64):
+        lim["sql_exchange_jobs_per_s_c%d" % conc] = completed_per_s(
+            PGBENCH_EXCHANGE, role, (("reg", "0"), ("out", "null"), ("conc", str(conc))))
+    # The same queue, the bare statement (as the harness's superuser).
+    lim["sql_bare_jobs_per_s_c10"] = completed_per_s(
+        PGBENCH_BARE, OBSERVER,
+        (("ids", "{}"), ("node", str(db.one("SELECT id FROM dispatch.nodes WHERE name = 'probe'")))))
     log("limits: %.0f commits/s plain, %.0f with NOTIFY (8 clients); SQL-only exchange %.0f jobs/s (10), "
-        "%.0f (64)" % (lim["commit_tps_8_clients"], lim["notify_commit_tps_8_clients"],
-                       lim["sql_exchange_jobs_per_s_c10"], lim["sql_exchange_jobs_per_s_c64"]))
+        "%.0f (64); bare statement %.0f (10)" % (
+            lim["commit_tps_8_clients"], lim["notify_commit_tps_8_clients"], lim["sql_exchange_jobs_per_s_c10"],
+            lim["sql_exchange_jobs_per_s_c64"], lim["sql_bare_jobs_per_s_c10"]))
     return lim
 
 
@@ -1628,9 +1657,16 @@ def write_report(data):
         a("| SQL only: one session, `dispatch.exchange` completing 10 and leasing 10 (jobs/s) | %.0f |"
           % lim["sql_exchange_jobs_per_s_c10"])
         a("| same with 64 per round trip (jobs/s) | %.0f |" % lim["sql_exchange_jobs_per_s_c64"])
+        bare = lim.get("sql_bare_jobs_per_s_c10")
+        if bare:
+            a("| SQL only, bare: one statement settling the 10 jobs held by id and leasing 10, none of "
+              "exchange's rules (BENCHMARKS.md's reference round trip) (jobs/s) | %.0f |" % bare)
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")
         a("the daemon makes, with no HTTP, no daemon and no provider sharing the 2 cores.")
+        if bare:
+            a("The bare row is what that round trip would cost without fencing by attempt, outcome")
+            a("validation, reply NOTIFYs, deadlines, expired-lease take-back and the wake time.")
         if hf:
             a("The two floor rows are lower bounds for any design that durably records a request before")
             a("dispatching it (B2) and durably records its result before answering (B4): B2's p50 target")
@@ -1989,7 +2025,9 @@ METHOD = [
     "time). MiB = 1,048,576 bytes.",
     "**Physical limits.** pgbench against the same server in the same run: single-row INSERT commits with 8 "
     "clients, then the same with a NOTIFY in each transaction; and the SQL-only round trip of the daemon "
-    "(pgbench as a node role calling `dispatch.exchange` with the previous batch's outcomes). The path "
+    "(pgbench as a node role calling `dispatch.exchange` with the previous batch's outcomes), then the bare "
+    "statement of BENCHMARKS.md's reference round trip on the same queue (settle by id, lease with SKIP "
+    "LOCKED, one statement, pgbench as the harness's superuser). The path "
     "floors come from bench/hopfloor.c (C, libpq, one thread polling two connections, 200 requests/s, one "
     "at a time): a durable INSERT + NOTIFY; the listening connection, once woken, UPDATEs the row in an "
     "asynchronously committed transaction (B2's floor: the real path adds the daemon's HTTP request to the "
