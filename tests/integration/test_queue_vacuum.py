@@ -28,6 +28,11 @@ def lease_scan_pages(conn):
     return plan[0]["Plan"]["Shared Hit Blocks"] + plan[0]["Plan"]["Shared Read Blocks"]
 
 
+def autovacuums(conn):
+    return conn.execute("SELECT autovacuum_count FROM pg_stat_user_tables "
+                        "WHERE relid = 'dispatch.jobs'::regclass").fetchone()[0]
+
+
 def test_jobs_are_vacuumed_after_a_fixed_number_of_changes():
     cluster = pgharness.Cluster(settings={"autovacuum_naptime": "1s"})
     try:
@@ -43,8 +48,7 @@ def test_jobs_are_vacuumed_after_a_fixed_number_of_changes():
                        (QUEUED,))
             su.execute("VACUUM ANALYZE dispatch.jobs")
             role = su.execute("SELECT dispatch.enroll('vac')").fetchone()[0]
-            vacuums = su.execute("SELECT autovacuum_count FROM pg_stat_user_tables "
-                                 "WHERE relid = 'dispatch.jobs'::regclass").fetchone()[0]
+            vacuums = autovacuums(su)
             fresh_pages = lease_scan_pages(su)
             # Held off while the jobs pass through, so that the scan is measured first.
             su.execute("ALTER TABLE dispatch.jobs SET (autovacuum_enabled = off)")
@@ -67,8 +71,7 @@ def test_jobs_are_vacuumed_after_a_fixed_number_of_changes():
 
             su.execute("ALTER TABLE dispatch.jobs RESET (autovacuum_enabled)")
 
-            wait_for(lambda: su.execute("SELECT autovacuum_count FROM pg_stat_user_tables "
-                                        "WHERE relid = 'dispatch.jobs'::regclass").fetchone()[0] > vacuums,
+            wait_for(lambda: autovacuums(su) > vacuums,
                      timeout=60, interval=0.5, what="autovacuum of dispatch.jobs after %d jobs passed through" % PASSED)
             assert lease_scan_pages(su) <= fresh_pages + 2
     finally:
