@@ -34,6 +34,7 @@ void lease_outbox_free(lease_outbox_t *ob)
 {
     buf_free(&ob->json);
     free(ob->meta);
+    free(ob->order);
     memset(ob, 0, sizeof *ob);
 }
 
@@ -47,9 +48,15 @@ static int outbox_commit(lease_outbox_t *ob, size_t start, int64_t id, int32_t a
     if (ob->count == ob->cap) {
         size_t cap = ob->cap ? ob->cap * 2 : 16;
         lease_outcome_meta_t *m = realloc(ob->meta, cap * sizeof *m);
+        lease_outbox_slot_t *o;
+
         if (m == NULL)
             goto fail;
         ob->meta = m;
+        o = realloc(ob->order, cap * sizeof *o);
+        if (o == NULL)
+            goto fail;
+        ob->order = o;
         ob->cap = cap;
     }
     ob->meta[ob->count++] = (lease_outcome_meta_t){ id, attempt, rewritten, ob->json.len };
@@ -187,14 +194,37 @@ size_t lease_outbox_ready_prefix(const lease_outbox_t *outcomes, const lease_out
     return i;
 }
 
+static int slot_cmp(const void *a, const void *b)
+{
+    const lease_outbox_slot_t *x = a, *y = b;
+
+    if (x->id != y->id)
+        return x->id < y->id ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Entries go out in job id order because dispatch.exchange locks the jobs it settles
+ * in the order of its argument, and every other session that locks several jobs
+ * (the gateway's batched cancel) takes them in id order too: one order everywhere
+ * means two such transactions never deadlock. */
 size_t lease_outbox_take(lease_outbox_t *ob, size_t max, buf_t *param)
 {
     size_t n = ob->count < max ? ob->count : max;
 
+    for (size_t i = 0; i < n; i++)
+        ob->order[i] = (lease_outbox_slot_t){ ob->meta[i].id, i };
+    if (n > 1)
+        qsort(ob->order, n, sizeof *ob->order, slot_cmp);
     buf_reset(param);
     buf_append_char(param, '[');
-    if (n > 0)
-        buf_append(param, ob->json.data, ob->meta[n - 1].end - 1);   /* without the last comma */
+    for (size_t k = 0; k < n; k++) {
+        size_t i = ob->order[k].index;
+        size_t start = i > 0 ? ob->meta[i - 1].end : 0;
+
+        if (k > 0)
+            buf_append_char(param, ',');
+        buf_append(param, ob->json.data + start, ob->meta[i].end - 1 - start);   /* without its comma */
+    }
     buf_append_char(param, ']');
     ob->sent = n;
     return n;

@@ -45,9 +45,16 @@ typedef struct {
     size_t end;              /* offset just past this entry's trailing comma */
 } lease_outcome_meta_t;
 
+/* One entry of a batch being sent, for putting the batch in job order. */
+typedef struct {
+    int64_t id;
+    size_t index;            /* position in the outbox */
+} lease_outbox_slot_t;
+
 typedef struct {
     buf_t json;              /* "entry,entry,...," */
     lease_outcome_meta_t *meta;
+    lease_outbox_slot_t *order;  /* scratch of lease_outbox_take, cap entries */
     size_t count, cap;
     size_t sent;
 } lease_outbox_t;
@@ -72,7 +79,8 @@ size_t lease_outbox_drop_job(lease_outbox_t *ob, int64_t id, int32_t attempt);
 size_t lease_outbox_ready_prefix(const lease_outbox_t *outcomes, const lease_outbox_t *chunks);
 
 /* Marks the first min(max, count) entries as sent and writes the JSON array of them
- * into param (reset first). Returns how many were taken. */
+ * into param (reset first), ordered by job id (a job's own entries keep their order).
+ * Returns how many were taken. */
 size_t lease_outbox_take(lease_outbox_t *ob, size_t max, buf_t *param);
 void lease_outbox_sent_done(lease_outbox_t *ob);
 void lease_outbox_sent_retry(lease_outbox_t *ob);

@@ -854,7 +854,11 @@ static void on_exchange_result(daemon_t *d, const PGresult *res, const char *sql
         }
         log_error("exchange_failed", "sqlstate=%s reason=%s outcomes=%zu next=retry_after_pause",
                   sqlstate, log_quote(q, sizeof q, err), sent);
-        if (sent == 1) {
+        if (db_sqlstate_transient(sqlstate)) {
+            /* Nothing was settled, and nothing in the batch is to blame: all of it
+             * goes again as it is. */
+            lease_outbox_sent_retry(&d->outbox);
+        } else if (sent == 1) {
             /* This one outcome is what the database refuses: settle it as an error. */
             if (!lease_outbox_sent_refused(&d->outbox, "the control plane refused the provider's result"))
                 log_error("outcome_dropped", "reason=refused_twice next=lease_expiry");
@@ -963,6 +967,14 @@ static void on_stream_result(daemon_t *d, const PGresult *res, const char *sqlst
 
         if (error_is_connection(d->conn, sqlstate)) {
             db_lost(d, err);
+            return;
+        }
+        if (db_sqlstate_transient(sqlstate)) {
+            /* Nothing was relayed: the same pieces go again, in order, after the pause. */
+            log_error("stream_failed", "sqlstate=%s reason=%s pieces=%zu next=retry_after_pause", sqlstate,
+                      log_quote(q, sizeof q, err), sent);
+            lease_outbox_sent_retry(&d->chunks);
+            d->pause_until = clock_monotonic_ms() + backoff_next_ms(&d->error_backoff);
             return;
         }
         /* The database refuses these pieces: their streams cannot go on without a gap,

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <string.h>
 #include <libpq-fe.h>
 
 /* Connect (blocking) with TCP keepalives (idle 10 s, interval 5 s, count 3, and a
@@ -35,5 +36,15 @@ bool db_result_ok(const PGresult *res, const PGconn *conn, char *sqlstate, char 
 
 /* True when the connection is unusable and must be re-established. */
 bool db_connection_lost(const PGconn *conn);
+
+/* True when a statement failed because of the moment, not because of what it asked:
+ * rolled back to break a deadlock or a serialization conflict (class 40), a lock or
+ * statement timeout (55P03, 57014), the server short of resources (class 53).
+ * Nothing it did was kept, and the same statement later may well succeed. */
+static inline bool db_sqlstate_transient(const char *sqlstate)
+{
+    return sqlstate != NULL && (strncmp(sqlstate, "40", 2) == 0 || strncmp(sqlstate, "53", 2) == 0 ||
+                                strcmp(sqlstate, "55P03") == 0 || strcmp(sqlstate, "57014") == 0);
+}
 
 #endif

@@ -770,6 +770,9 @@ static void dispatcher_start_cancels(dispatcher_t *d, worker_t *w)
             d->cancels[kept++] = *x;
     }
     d->ncancels = kept;
+    /* In id order, the order in which a daemon's exchange locks the jobs it settles:
+     * a batch of cancels and a settle that share jobs cannot deadlock. */
+    w->ids.n = batch_unique_ids(w->ids.v, w->ids.n);
     batch_ids_literal(&b, w->ids.v, w->ids.n);
     values[0] = b.data;
     values[1] = w->reason;
@@ -1449,7 +1452,9 @@ static void dispatcher_finish_cancels(dispatcher_t *d, worker_t *w, PGresult *re
 
     if (ok)
         return;
-    if (lost || sqlstate_means_lost(sqlstate)) {
+    if (lost || sqlstate_means_lost(sqlstate) || db_sqlstate_transient(sqlstate)) {
+        if (!lost && !sqlstate_means_lost(sqlstate))
+            log_warn("cancels_failed", "jobs=%zu error=%s next=retry", w->ids.n, log_quote(q, sizeof q, err));
         for (size_t i = 0; i < w->ids.n; i++)
             dispatcher_push_cancel(d, w->ids.v[i], w->reason, false);
         return;

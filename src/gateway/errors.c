@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "buf.h"
+#include "db.h"
 
 char *errors_body(const char *message, const char *type, const char *code)
 {
@@ -89,8 +90,9 @@ int errors_status_for_sqlstate(const char *sqlstate)
         return 429;
     if (strcmp(sqlstate, "PD008") == 0)
         return 409;
-    /* Class 08 (connection exception) and 57P0x (server shutting down): try later. */
-    if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0)
+    /* Class 08 (connection exception) and 57P0x (server shutting down): try later.
+     * A transient failure (deadlock, lock timeout, ...) kept nothing: try again. */
+    if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0 || db_sqlstate_transient(sqlstate))
         return 503;
     return 500;
 }
@@ -113,6 +115,8 @@ static const char *errors_code_for_sqlstate(const char *sqlstate)
         return "idempotency_key_reused";
     if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0)
         return "database_unavailable";
+    if (db_sqlstate_transient(sqlstate))
+        return "database_busy";
     return "internal_error";
 }
 
@@ -123,7 +127,7 @@ void errors_reply_sqlstate(gw_reply_t *r, const char *sqlstate, const char *mess
     if (!message || !*message)
         message = status == 503 ? "the database is unavailable; try again" : "request refused";
     errors_set(r, status, errors_code_for_sqlstate(sqlstate), message);
-    if (status == 429 || (sqlstate && strcmp(sqlstate, "PD002") == 0))
+    if (status == 429 || (sqlstate && strcmp(sqlstate, "PD002") == 0) || db_sqlstate_transient(sqlstate))
         r->retry_after_s = 1;
 }
 

@@ -252,6 +252,31 @@ def test_cancel_aborts_the_transfer(db, procs):
     assert states(db, ids) == ["cancelled"]
 
 
+def test_a_settle_rolled_back_by_a_lock_timeout_is_sent_again_unchanged(db, procs):
+    """A failure of the moment (here 55P03: another session holds the job's row past the
+    node's lock_timeout) keeps the provider's result and sends it again; it must not be
+    taken for an outcome the database refuses (which is replaced by a bad_response error,
+    or dropped when that is refused too)."""
+    role = db.one("SELECT dispatch.enroll('n1')")
+    db.sql('ALTER ROLE "%s" IN DATABASE "%s" SET lock_timeout = \'200ms\'' % (role, db.name))
+    fake = Fake(procs, latency_ms=300)
+    proc = daemon(procs, db.node_dsn(role), fake, "--models", "demo", "--max-concurrency", "2", name="n1")
+    wait_live(db, "n1")
+    ids = submit(db, 1)
+    wait_for(lambda: fake.stats()["in_flight"] == 1, 5, what="request at the provider")
+    with db.connect(autocommit=False) as holder:
+        holder.execute("SELECT 1 FROM dispatch.jobs WHERE id = %s FOR UPDATE", (ids[0],))
+        wait_for(lambda: proc.output().count("sqlstate=55P03") >= 3, 15,
+                 what="the settle timed out on the lock three times")
+        assert states(db, ids) == ["leased"]
+        holder.rollback()
+    wait_for(lambda: all_in(db, ids, ("succeeded", "failed")), 10, what="job finished")
+    j = jobs(db, ids)[0]
+    assert (j["state"], j["attempt"], j["error"]) == ("succeeded", 1, None)
+    assert j["result"]["choices"][0]["message"]["content"]
+    assert fake.stats()["by_path"]["/v1/chat/completions"] == 1
+
+
 def test_long_job_lease_is_extended(db, procs):
     db.sql("SELECT dispatch.set_setting('lease_seconds', 1)")
     fake = Fake(procs, latency_ms=2500)

@@ -132,6 +132,40 @@ static void test_sent_done_retry_and_limit(void **state)
     lease_outbox_free(&ob);
 }
 
+/* A batch leaves in job id order (the lock order every multi-job transaction shares);
+ * the entries of one job keep the order they were queued in, and what stays behind
+ * after a partial take is the same set as before. */
+static void test_take_orders_by_job_id(void **state)
+{
+    lease_outbox_t ob;
+    buf_t param = BUF_INIT;
+
+    (void)state;
+    lease_outbox_init(&ob);
+    lease_outbox_add_chunk(&ob, 9, 1, 0, true, "a", 1);
+    lease_outbox_add_chunk(&ob, 3, 2, 0, true, "b", 1);
+    lease_outbox_add_chunk(&ob, 9, 1, 1, false, "c", 1);
+    lease_outbox_add_chunk(&ob, 3, 2, 1, false, "d", 1);
+    lease_outbox_add_chunk(&ob, 1, 1, 0, false, "e", 1);
+    assert_int_equal(lease_outbox_take(&ob, 4, &param), 4);
+    assert_string_equal(param.data,
+                        "[{\"id\":3,\"attempt\":2,\"seq\":0,\"more\":true,\"data\":\"b\"},"
+                        "{\"id\":3,\"attempt\":2,\"seq\":1,\"more\":false,\"data\":\"d\"},"
+                        "{\"id\":9,\"attempt\":1,\"seq\":0,\"more\":true,\"data\":\"a\"},"
+                        "{\"id\":9,\"attempt\":1,\"seq\":1,\"more\":false,\"data\":\"c\"}]");
+    lease_outbox_sent_done(&ob);
+    assert_int_equal(ob.count, 1);
+    assert_int_equal(ob.meta[0].id, 1);
+    for (int i = 40; i > 0; i--)     /* past the first allocation: the scratch grows too */
+        lease_outbox_add_result(&ob, 100 + i, 1, "{}", 2);
+    assert_int_equal(lease_outbox_take(&ob, 100, &param), 41);
+    assert_true(strncmp(param.data, "[{\"id\":1,", 9) == 0);
+    assert_non_null(strstr(param.data, "{\"id\":101,\"attempt\":1,\"result\":{}},{\"id\":102,"));
+    assert_non_null(strstr(param.data, "{\"id\":140,\"attempt\":1,\"result\":{}}]"));
+    buf_free(&param);
+    lease_outbox_free(&ob);
+}
+
 static void test_refused_outcome_is_rewritten_once_then_dropped(void **state)
 {
     lease_outbox_t ob;
@@ -145,8 +179,9 @@ static void test_refused_outcome_is_rewritten_once_then_dropped(void **state)
     lease_outbox_take(&ob, 1, &param);
     assert_true(lease_outbox_sent_refused(&ob, "refused"));
     assert_int_equal(ob.count, 2);
+    assert_int_equal(ob.meta[1].id, 9);       /* the replacement goes to the back */
     arr = take_all(&ob, &param);
-    e = json_array_get(arr, 1);               /* the replacement goes to the back */
+    e = json_array_get(arr, 0);               /* and leaves in id order */
     assert_int_equal(json_integer_value(json_object_get(e, "id")), 9);
     assert_int_equal(json_integer_value(json_object_get(e, "attempt")), 2);
     assert_string_equal(json_string_value(json_object_get(json_object_get(e, "error"), "code")), "bad_response");
@@ -280,6 +315,7 @@ int main(void)
         cmocka_unit_test(test_error_carries_code_status_body_retryable),
         cmocka_unit_test(test_error_without_status_or_body),
         cmocka_unit_test(test_sent_done_retry_and_limit),
+        cmocka_unit_test(test_take_orders_by_job_id),
         cmocka_unit_test(test_refused_outcome_is_rewritten_once_then_dropped),
         cmocka_unit_test(test_text_array_and_split),
         cmocka_unit_test(test_wake_names),

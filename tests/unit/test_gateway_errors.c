@@ -79,6 +79,12 @@ static void test_sqlstate_mapping(void **state)
         {"", 503, "database_unavailable", 0},
         {"08006", 503, "database_unavailable", 0},
         {"57P01", 503, "database_unavailable", 0},
+        {"40P01", 503, "database_busy", 1},
+        {"40001", 503, "database_busy", 1},
+        {"55P03", 503, "database_busy", 1},
+        {"57014", 503, "database_busy", 1},
+        {"53300", 503, "database_busy", 1},
+        {"55000", 500, "internal_error", 0},
         {"XX000", 500, "internal_error", 0},
     };
 
