@@ -1452,9 +1452,7 @@ static void dispatcher_finish_cancels(dispatcher_t *d, worker_t *w, PGresult *re
 
     if (ok)
         return;
-    if (lost || sqlstate_means_lost(sqlstate) || db_sqlstate_transient(sqlstate)) {
-        if (!lost && !sqlstate_means_lost(sqlstate))
-            log_warn("cancels_failed", "jobs=%zu error=%s next=retry", w->ids.n, log_quote(q, sizeof q, err));
+    if (lost || sqlstate_means_lost(sqlstate)) {
         for (size_t i = 0; i < w->ids.n; i++)
             dispatcher_push_cancel(d, w->ids.v[i], w->reason, false);
         return;
