@@ -10,8 +10,8 @@
 -- against 0.04 ms and 17 in a repeat whose table was analysed early; the gateway sends
 -- one results call at a time, so every request waited on them. dispatch.extend joins
 -- its arguments to the table and kept a sequential scan the same way
--- (tests/sql/plans.sql shows both). With sequential scans off, the plans left to
--- either read the primary key for the ids asked for.
+-- (tests/sql/plans.sql shows both). With sequential scans off in both functions, the
+-- plans the planner has left read the primary key for the ids asked for.
 
 ALTER FUNCTION dispatch.results(bigint[]) SET enable_seqscan = off;
 ALTER FUNCTION dispatch.extend(bigint[], integer[]) SET enable_seqscan = off;
