@@ -572,6 +572,29 @@ def test_idempotency_key_returns_the_same_answer(db, workers, gateway):
     assert_openai_error(body, "idempotency_key_reused")
 
 
+def test_a_submit_rolled_back_by_a_lock_timeout_answers_503_database_busy(db, workers, gateway):
+    """A submit that waits past the gateway role's lock_timeout (here on an idempotency key
+    that another transaction is inserting) is rolled back whole: 503 database_busy with
+    Retry-After, nothing queued, and the same request succeeds once the lock is gone."""
+    workers("n1", ["m1"])
+    gateway_dsn(db)
+    db.sql('ALTER ROLE %s IN DATABASE "%s" SET lock_timeout = \'200ms\'' % (GATEWAY_ROLE, db.name))
+    port = gateway()
+    key = {"Idempotency-Key": "held-1"}
+    held = [{"model": "m1", "payload": chat_body("m1", "x"), "idempotency_key": "held-1"}]
+    with db.connect(autocommit=False) as holder:
+        holder.execute("SELECT count(*) FROM dispatch.submit_many(%s)", (json.dumps(held),))
+        st, headers, body = request(port, "POST", CHAT, chat_body("m1", "x"), headers=key)
+        holder.rollback()
+    assert st == 503, body
+    assert_openai_error(body, "database_busy")
+    assert headers.get("retry-after") == "1"
+    assert db.one("SELECT count(*) FROM dispatch.jobs") == 0
+    st, _, body = request(port, "POST", CHAT, chat_body("m1", "x"), headers=key)
+    assert st == 200, body
+    assert db.one("SELECT count(*) FROM dispatch.jobs WHERE state = 'succeeded'") == 1
+
+
 # ---------------------------------------------------------------------------
 # Scale, isolation, idleness
 # ---------------------------------------------------------------------------
