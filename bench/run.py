@@ -1020,7 +1020,7 @@ def w_b4(bench, w):
                 for rate in rates:
                     for path, url in (("gateway", gw_url), ("direct", direct_url)):
                         t_a = time.time()
-                        s_a = bench.observer.snapshot(db.name)
+                        s_a = bench.observer.snapshot(db.name) if path == "gateway" else None
                         lg = bench.loadgen("b4-r%d-%s-%d" % (rep, path, rate), url, rate=rate, duration=span,
                                            warmup=1.0)
                         r["open"]["%s_%d" % (path, rate)] = lg
