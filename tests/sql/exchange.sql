@@ -232,8 +232,8 @@ RESET SESSION AUTHORIZATION;
 SELECT is(dispatch.set_setting('lease_seconds', 120), 120::numeric, 'lease_seconds 120');
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
 SELECT results_eq(format('SELECT id, attempt, ok, lease_expires_at FROM dispatch.extend(ARRAY[%s, -5]::bigint[], ARRAY[1, 1])', :w3),
-                  format($$VALUES (%s::bigint, 1, true, now() + interval '120 s'), (-5::bigint, 1, false, NULL)$$, :w3),
-                  'extend: renews a held lease by lease_seconds; an unknown job is ok = false');
+                  format($$VALUES (-5::bigint, 1, false, NULL), (%s::bigint, 1, true, now() + interval '120 s')$$, :w3),
+                  'extend: renews a held lease by lease_seconds; an unknown job is ok = false; rows in id order');
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT lease_expires_at FROM dispatch.jobs WHERE id = :w3), now() + interval '120 s', 'extend: the row''s lease moved');
 
