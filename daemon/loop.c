@@ -764,8 +764,7 @@ static void db_connect_step(daemon_t *d)
  * so the right answer is to reconnect rather than to retry on this connection. */
 static bool error_is_connection(const PGconn *conn, const char *sqlstate)
 {
-    return db_connection_lost(conn) || sqlstate[0] == '\0' || strncmp(sqlstate, "08", 2) == 0 ||
-           strncmp(sqlstate, "57P", 3) == 0;
+    return db_connection_lost(conn) || db_sqlstate_session_lost(sqlstate);
 }
 
 /* ------------------------------------------------------------------ database: results */

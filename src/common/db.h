@@ -37,6 +37,16 @@ bool db_result_ok(const PGresult *res, const PGconn *conn, char *sqlstate, char 
 /* True when the connection is unusable and must be re-established. */
 bool db_connection_lost(const PGconn *conn);
 
+/* True when a statement failed because its session is going or gone: no SQLSTATE
+ * (the connection broke), class 08 (connection exception) or 57P (the server is
+ * shutting down, the database was dropped, or the session timed out). The statement
+ * may or may not have been applied; only a new connection can say. */
+static inline bool db_sqlstate_session_lost(const char *sqlstate)
+{
+    return sqlstate == NULL || sqlstate[0] == '\0' || strncmp(sqlstate, "08", 2) == 0 ||
+           strncmp(sqlstate, "57P", 3) == 0;
+}
+
 /* True when a statement failed because of the moment, not because of what it asked:
  * rolled back to break a deadlock or a serialization conflict (class 40), a lock or
  * statement timeout (55P03, 57014), the server short of resources (class 53).

@@ -210,14 +210,6 @@ static const char SQL_STATUS_WITH_NODES[] = SQL_STATUS_HEAD SQL_STATUS_NODES SQL
 /* For a role without EXECUTE on dispatch.nodes() (dispatch_gateway has none). */
 static const char SQL_STATUS_NO_NODES[] = SQL_STATUS_HEAD "NULL::json" SQL_STATUS_TAIL;
 
-/* A statement failed because the connection is going or gone (no SQLSTATE, class
- * 08, or the server shutting the session down). */
-static bool sqlstate_means_lost(const char *s)
-{
-    return !s || !*s || strncmp(s, "08", 2) == 0 || strcmp(s, "57P01") == 0 || strcmp(s, "57P02") == 0 ||
-           strcmp(s, "57P03") == 0;
-}
-
 /* ---- small containers ------------------------------------------------------- */
 
 static void queue_push(queue_t *q, call_t *c)
@@ -1253,7 +1245,7 @@ static void dispatcher_finish_submit(dispatcher_t *d, worker_t *w, PGresult *res
     bool *done = NULL;
 
     d->submits_in_flight--;
-    if (!ok && (lost || sqlstate_means_lost(sqlstate))) {
+    if (!ok && (lost || db_sqlstate_session_lost(sqlstate))) {
         for (size_t i = 0; i < w->ncalls; i++) {
             dispatcher_free_element(w->calls[i]);
             dispatcher_answer_error(d, w->calls[i], 503, "database_unavailable",
@@ -1372,7 +1364,7 @@ static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *re
     bool ending = atomic_load(&d->draining) || atomic_load(&d->stop);
 
     d->results_in_flight = false;
-    lost = lost || (!ok && sqlstate_means_lost(sqlstate));
+    lost = lost || (!ok && db_sqlstate_session_lost(sqlstate));
     if (!ok) {
         d->recent_results.n = 0;
         if (!lost)
@@ -1452,7 +1444,7 @@ static void dispatcher_finish_cancels(dispatcher_t *d, worker_t *w, PGresult *re
 
     if (ok)
         return;
-    if (lost || sqlstate_means_lost(sqlstate)) {
+    if (lost || db_sqlstate_session_lost(sqlstate)) {
         for (size_t i = 0; i < w->ids.n; i++)
             dispatcher_push_cancel(d, w->ids.v[i], w->reason, false);
         return;
@@ -1473,7 +1465,7 @@ static void dispatcher_finish_call(dispatcher_t *d, worker_t *w, PGresult *res, 
     bool ok = res && db_result_ok(res, w->conn, sqlstate, err, sizeof err);
     call_t *c = w->calls[0];
 
-    if (!ok && (lost || sqlstate_means_lost(sqlstate))) {
+    if (!ok && (lost || db_sqlstate_session_lost(sqlstate))) {
         if (c->kind == CALL_METRICS) {
             dispatcher_render_metrics(d, c, NULL, 0);
             dispatcher_answer(d, c);
@@ -1583,7 +1575,7 @@ static void dispatcher_finish_auth(dispatcher_t *d, worker_t *w, PGresult *res, 
     int64_t now = clock_monotonic_ms();
 
     d->auth_in_flight = false;
-    lost = lost || (!ok && sqlstate_means_lost(sqlstate));
+    lost = lost || (!ok && db_sqlstate_session_lost(sqlstate));
     if (ok) {
         for (int r = 0; r < PQntuples(res); r++) {
             if (strcmp(PQgetvalue(res, r, 1), "t") == 0)

@@ -78,7 +78,7 @@ void errors_reply(gw_reply_t *r, int status, const char *code, const char *fmt, 
 
 int errors_status_for_sqlstate(const char *sqlstate)
 {
-    if (!sqlstate || !*sqlstate)
+    if (db_sqlstate_session_lost(sqlstate) || db_sqlstate_transient(sqlstate))
         return 503;
     if (strcmp(sqlstate, "22023") == 0)
         return 400;
@@ -90,16 +90,12 @@ int errors_status_for_sqlstate(const char *sqlstate)
         return 429;
     if (strcmp(sqlstate, "PD008") == 0)
         return 409;
-    /* Class 08 (connection exception) and 57P0x (server shutting down): try later.
-     * A transient failure (deadlock, lock timeout, ...) kept nothing: try again. */
-    if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0 || db_sqlstate_transient(sqlstate))
-        return 503;
     return 500;
 }
 
 static const char *errors_code_for_sqlstate(const char *sqlstate)
 {
-    if (!sqlstate || !*sqlstate)
+    if (db_sqlstate_session_lost(sqlstate))
         return "database_unavailable";
     if (strcmp(sqlstate, "22023") == 0)
         return "invalid_request";
@@ -113,8 +109,6 @@ static const char *errors_code_for_sqlstate(const char *sqlstate)
         return "not_found";
     if (strcmp(sqlstate, "PD008") == 0)
         return "idempotency_key_reused";
-    if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0)
-        return "database_unavailable";
     if (db_sqlstate_transient(sqlstate))
         return "database_busy";
     return "internal_error";

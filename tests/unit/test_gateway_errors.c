@@ -79,6 +79,8 @@ static void test_sqlstate_mapping(void **state)
         {"", 503, "database_unavailable", 0},
         {"08006", 503, "database_unavailable", 0},
         {"57P01", 503, "database_unavailable", 0},
+        {"57P04", 503, "database_unavailable", 0},
+        {"57P05", 503, "database_unavailable", 0},
         {"40P01", 503, "database_busy", 1},
         {"40001", 503, "database_busy", 1},
         {"55P03", 503, "database_busy", 1},
