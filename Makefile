@@ -148,7 +148,7 @@ FUZZ_BUILD = @mkdir -p $(@D); echo "$(FUZZ_CC) -o $@ $(filter %.c,$^)"; \
 $(BUILD)/fuzz/fuzz_gateway_request: tests/fuzz/fuzz_gateway_request.c src/gateway/request.c src/gateway/errors.c \
 		src/gateway/batch.c src/common/buf.c $(HEADERS)
 	$(FUZZ_BUILD)
-$(BUILD)/fuzz/fuzz_daemon_classify: tests/fuzz/fuzz_daemon_classify.c daemon/provider.c daemon/relay.c \
+$(BUILD)/fuzz/fuzz_daemon_classify: tests/fuzz/fuzz_daemon_classify.c daemon/provider.c daemon/relay.c src/common/clock.c src/common/log.c \
 		src/common/buf.c $(HEADERS)
 	$(FUZZ_BUILD)
 $(BUILD)/fuzz/fuzz_daemon_relay: tests/fuzz/fuzz_daemon_relay.c daemon/relay.c src/common/buf.c $(HEADERS)

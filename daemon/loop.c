@@ -1,4 +1,4 @@
-/* loop: the daemon's one thread: a curl_multi_poll over provider transfers, the libpq
+/* loop: the daemon's one thread: one wait (provider_wait) on provider transfers, the libpq
  * socket and the signal fd; the database connection's life (async connect, register,
  * LISTEN, one query in flight at a time: streamed chunks, outcomes and leases take
  * turns); timers; health; shutdown. Owns daemon_t. */
@@ -1400,7 +1400,7 @@ int loop_run(const daemon_config_t *cfg, int sigfd)
             fds[nfds++] = (struct curl_waitfd){ PQsocket(d.conn), ev, 0 };
         }
         if (provider_wait(d.prov, fds, nfds, timeout) != CURLM_OK) {
-            log_error("wait_failed", "reason=curl_multi_poll next=exit");
+            log_error("wait_failed", "reason=%s next=exit", strerror(errno));
             d.exit_code = DAEMON_EXIT_FAILED;
             break;
         }

@@ -1,4 +1,4 @@
-/* loop: the daemon's single event loop: one curl_multi_poll over provider transfers,
+/* loop: the daemon's single event loop: one wait (provider_wait) on provider transfers,
  * the libpq socket and the signal fd, with a timeout from the nearest timer. */
 #ifndef PGD_LOOP_H
 #define PGD_LOOP_H

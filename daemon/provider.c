@@ -1,21 +1,31 @@
-/* provider: the daemon's HTTP side, one curl multi handle: job transfers (pooled easy
+/* provider: the daemon's HTTP side, one curl multi handle driven through its socket
+ * interface (an epoll set of curl's sockets and curl's timer, so a wake-up costs the
+ * sockets that are ready, not every transfer held): job transfers (pooled easy
  * handles, bodies trimmed on completion; a streaming job's event stream goes through
  * a relay_job_t in the write callback, whose pieces leave through the chunk sink),
  * health and discovery probes, classification of responses, parsing of discovery
- * bodies. Owns every transfer and its stream state. */
+ * bodies. Owns every transfer and its stream state, and the epoll fd. */
 #include "provider.h"
 
+#include <errno.h>
 #include <jansson.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 
 #include "buf.h"
+#include "clock.h"
+#include "log.h"
 #include "relay.h"
 
 #define PROVIDER_POOL_MAX 1024           /* idle job transfers kept for reuse */
 #define PROVIDER_KEEP_BODY_BYTES 65536   /* a reused transfer keeps at most this much */
+#define PROVIDER_WAIT_EXTRA_MAX 4        /* the caller's own fds in one provider_wait */
+#define PROVIDER_EVENTS_PER_WAKE 256     /* ready sockets taken from epoll at a time */
 
 typedef enum {
     BODY_PLAIN = 0,              /* kept whole in body */
@@ -44,6 +54,8 @@ typedef struct transfer {
 
 struct provider {
     CURLM *multi;
+    int epfd;                    /* curl's sockets, as curl asks (CURLMOPT_SOCKETFUNCTION) */
+    int64_t timer_due_ms;        /* curl's next timeout, monotonic; -1: none */
     provider_options_t opt;
     char *base;                  /* base_url without trailing slashes */
     struct curl_slist *json_headers;
@@ -151,6 +163,38 @@ static void transfer_free(transfer_t *t)
     free(t);
 }
 
+/* CURLMOPT_SOCKETFUNCTION: curl says which of its sockets to watch, and for what. */
+static int on_curl_socket(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+    provider_t *p = userp;
+    struct epoll_event ev = { 0 };
+
+    (void)easy;
+    (void)socketp;
+    if (what == CURL_POLL_REMOVE) {
+        /* curl may have closed it already, which took it out of the set: ENOENT/EBADF. */
+        epoll_ctl(p->epfd, EPOLL_CTL_DEL, s, NULL);
+        return 0;
+    }
+    ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0) | (what & CURL_POLL_OUT ? EPOLLOUT : 0);
+    ev.data.fd = s;
+    if (epoll_ctl(p->epfd, EPOLL_CTL_MOD, s, &ev) == 0 ||
+        (errno == ENOENT && epoll_ctl(p->epfd, EPOLL_CTL_ADD, s, &ev) == 0))
+        return 0;
+    log_error("provider_socket_unwatched", "fd=%d reason=\"%s\" next=fail_that_transfer", (int)s, strerror(errno));
+    return -1;
+}
+
+/* CURLMOPT_TIMERFUNCTION: when curl next needs a call without socket activity. */
+static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
+{
+    provider_t *p = userp;
+
+    (void)multi;
+    p->timer_due_ms = timeout_ms < 0 ? -1 : clock_monotonic_ms() + timeout_ms;
+    return 0;
+}
+
 provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen)
 {
     provider_t *p = calloc(1, sizeof *p);
@@ -161,13 +205,24 @@ provider_t *provider_new(const provider_options_t *opt, char *err, size_t errlen
         return NULL;
     }
     p->opt = *opt;
+    p->timer_due_ms = -1;
     p->base = strdup(opt->base_url);
     p->multi = curl_multi_init();
+    p->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (p->epfd < 0) {
+        snprintf(err, errlen, "cannot create an epoll set: %s", strerror(errno));
+        provider_free(p);
+        return NULL;
+    }
     if (p->base == NULL || p->multi == NULL) {
         snprintf(err, errlen, "cannot initialise libcurl");
         provider_free(p);
         return NULL;
     }
+    curl_multi_setopt(p->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+    curl_multi_setopt(p->multi, CURLMOPT_SOCKETDATA, p);
+    curl_multi_setopt(p->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    curl_multi_setopt(p->multi, CURLMOPT_TIMERDATA, p);
     n = strlen(p->base);
     while (n > 0 && p->base[n - 1] == '/')
         p->base[--n] = '\0';
@@ -211,13 +266,71 @@ void provider_free(provider_t *p)
     curl_slist_free_all(p->sse_headers);
     if (p->multi)
         curl_multi_cleanup(p->multi);
+    if (p->epfd >= 0)
+        close(p->epfd);
     free(p->base);
     free(p);
 }
 
+/* Lets curl act on its timeouts, and start the transfers just added (curl gives each a
+ * timeout of zero). The timer is cleared first: curl may set a new one meanwhile. */
+static void curl_timeout_action(provider_t *p)
+{
+    int running;
+
+    p->timer_due_ms = -1;
+    curl_multi_socket_action(p->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+}
+
 CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms)
 {
-    return curl_multi_poll(p->multi, extra, n, timeout_ms, NULL);
+    struct pollfd fds[PROVIDER_WAIT_EXTRA_MAX + 1];
+    struct epoll_event ready[PROVIDER_EVENTS_PER_WAKE];
+    int nready, running;
+
+    if (n > PROVIDER_WAIT_EXTRA_MAX) {
+        errno = EINVAL;
+        return CURLM_BAD_FUNCTION_ARGUMENT;
+    }
+    if (p->timer_due_ms >= 0) {
+        int64_t left = p->timer_due_ms - clock_monotonic_ms();
+        if (left < 0)
+            left = 0;
+        if (timeout_ms < 0 || left < timeout_ms)
+            timeout_ms = (int)left;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        fds[i] = (struct pollfd){ .fd = extra[i].fd,
+                                  .events = (short)((extra[i].events & CURL_WAIT_POLLIN ? POLLIN : 0) |
+                                                    (extra[i].events & CURL_WAIT_POLLPRI ? POLLPRI : 0) |
+                                                    (extra[i].events & CURL_WAIT_POLLOUT ? POLLOUT : 0)) };
+    }
+    fds[n] = (struct pollfd){ .fd = p->epfd, .events = POLLIN };
+    if (poll(fds, n + 1, timeout_ms) < 0) {
+        if (errno != EINTR)
+            return CURLM_INTERNAL_ERROR;
+        fds[n].revents = 0;
+        for (unsigned i = 0; i < n; i++)
+            fds[i].revents = 0;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        short rev = fds[i].revents;
+        /* Errors and hang-ups are reported as POLLPRI: the caller reads to learn what. */
+        extra[i].revents = (short)((rev & POLLIN ? CURL_WAIT_POLLIN : 0) | (rev & POLLOUT ? CURL_WAIT_POLLOUT : 0) |
+                                   (rev & (POLLPRI | POLLERR | POLLHUP | POLLNVAL) ? CURL_WAIT_POLLPRI : 0));
+    }
+    if (fds[n].revents) {
+        nready = epoll_wait(p->epfd, ready, PROVIDER_EVENTS_PER_WAKE, 0);
+        for (int i = 0; i < nready; i++) {
+            int mask = (ready[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) ? CURL_CSELECT_IN : 0) |
+                       (ready[i].events & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
+                       (ready[i].events & EPOLLERR ? CURL_CSELECT_ERR : 0);
+            curl_multi_socket_action(p->multi, ready[i].data.fd, mask, &running);
+        }
+    }
+    if (p->timer_due_ms >= 0 && clock_monotonic_ms() >= p->timer_due_ms)
+        curl_timeout_action(p);
+    return CURLM_OK;
 }
 
 void provider_set_chunk_sink(provider_t *p, provider_chunk_fn fn, void *ctx)
@@ -322,10 +435,9 @@ static bool start_waiting(provider_t *p, const provider_events_t *ev, void *ctx)
 
 void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
 {
-    int running, queued;
+    int queued;
     CURLMsg *msg;
 
-    curl_multi_perform(p->multi, &running);
     while ((msg = curl_multi_info_read(p->multi, &queued)) != NULL) {
         transfer_t *t = NULL;
         provider_response_t r;
@@ -364,14 +476,12 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
         }
     }
     if (start_waiting(p, ev, ctx))
-        curl_multi_perform(p->multi, &running);   /* their requests go out now */
+        curl_timeout_action(p);   /* their requests go out now */
 }
 
 void provider_kick(provider_t *p)
 {
-    int running;
-
-    curl_multi_perform(p->multi, &running);
+    curl_timeout_action(p);
 }
 
 job_t *provider_start_job(provider_t *p, const job_t *job, const char *endpoint, const char *payload,
