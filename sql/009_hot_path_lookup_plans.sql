@@ -6,16 +6,16 @@
 -- while they said the table held a few rows (a new installation that autovacuum
 -- analysed early), the plans went on reading the whole table once it had grown, until
 -- the next analyze: with 22,000 jobs added (tests/sql/plans_hot_path.sql), one submit
--- read 42,343 rows, one exchange 110,065, one stream call and one cancel each the whole
--- table. Sequential scans off (as 008 did for results and extend) is enough for
--- submit_many, exchange and cancel, whose lookups are by array or by a single id: the
--- plans the planner has left use the index conditions. It is not enough for a join of
--- the ids asked for to the table: on a table believed tiny, a merge or hash join over a
--- whole scan of the primary key is cheapest, and results, extend and stream kept such
--- plans (20,010 index entries read by one results and one extend call; 22,041 by one
--- stream call). Each now looks its rows up one id at a time, in a LATERAL subquery the
--- planner cannot turn into such a join (results, stream) or one UPDATE per id (extend,
--- which renews a few long jobs' leases every few seconds).
+-- read 42,343 rows, one exchange 110,065, one stream call and one cancel up to the
+-- whole table. Sequential scans off (as 008 did for results and extend) is enough for
+-- submit_many, exchange and cancel, whose lookups are by an array of ids or by one id:
+-- the plans the planner has left use those as index conditions. It is not enough for a
+-- join of the ids asked for to the table: on a table believed tiny, a hash or merge
+-- join over a whole scan of the primary key is cheapest. extend kept such a plan (one
+-- call read about 20,000 index entries; tests/sql/plans.sql, which now counts index entries
+-- too), and so did stream (22,041). stream now looks up each piece's job in a LATERAL
+-- subquery with LIMIT 1, which the planner cannot turn into such a join; extend runs
+-- one UPDATE per id, in id order (it renews a few long jobs' leases every few seconds).
 --
 -- On a 200,000-job table analysed as such, the plans of submit_many and exchange with
 -- sequential scans off differ only in the small tables (an index scan of nodes instead
@@ -25,21 +25,6 @@
 ALTER FUNCTION dispatch.submit_many(json, text) SET enable_seqscan = off;
 ALTER FUNCTION dispatch.exchange(json, integer) SET enable_seqscan = off;
 ALTER FUNCTION dispatch.cancel(bigint, text) SET enable_seqscan = off;
-
-CREATE OR REPLACE FUNCTION dispatch.results(p_ids bigint[])
-RETURNS TABLE (id bigint, state text, attempt integer, result json, error jsonb,
-               model text, created_at timestamptz, started_at timestamptz, finished_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off AS $$
-#variable_conflict use_column
-BEGIN
-    RETURN QUERY
-    SELECT j.id, j.state, j.attempt, j.result, j.error, j.model, j.created_at, j.started_at, j.finished_at
-    FROM (SELECT DISTINCT w.id FROM unnest(p_ids) AS w(id)) want
-    CROSS JOIN LATERAL (SELECT * FROM dispatch.jobs jb WHERE jb.id = want.id LIMIT 1) j
-    ORDER BY j.id;
-END
-$$;
 
 CREATE OR REPLACE FUNCTION dispatch.extend(p_ids bigint[], p_attempts integer[])
 RETURNS TABLE (id bigint, attempt integer, ok boolean, lease_expires_at timestamptz)
