@@ -282,11 +282,27 @@ static void curl_timeout_action(provider_t *p)
     curl_multi_socket_action(p->multi, CURL_SOCKET_TIMEOUT, 0, &running);
 }
 
+/* Lets curl read and write whatever of its sockets is ready now (without waiting),
+ * then act on its timer if due. */
+static void act_on_ready_sockets(provider_t *p)
+{
+    struct epoll_event ready[PROVIDER_EVENTS_PER_WAKE];
+    int nready = epoll_wait(p->epfd, ready, PROVIDER_EVENTS_PER_WAKE, 0);
+    int running;
+
+    for (int i = 0; i < nready; i++) {
+        int mask = (ready[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) ? CURL_CSELECT_IN : 0) |
+                   (ready[i].events & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
+                   (ready[i].events & EPOLLERR ? CURL_CSELECT_ERR : 0);
+        curl_multi_socket_action(p->multi, ready[i].data.fd, mask, &running);
+    }
+    if (p->timer_due_ms >= 0 && clock_monotonic_ms() >= p->timer_due_ms)
+        curl_timeout_action(p);
+}
+
 CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms)
 {
     struct pollfd fds[PROVIDER_WAIT_EXTRA_MAX + 1];
-    struct epoll_event ready[PROVIDER_EVENTS_PER_WAKE];
-    int nready, running;
 
     if (n > PROVIDER_WAIT_EXTRA_MAX) {
         errno = EINVAL;
@@ -319,16 +335,9 @@ CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, in
         extra[i].revents = (short)((rev & POLLIN ? CURL_WAIT_POLLIN : 0) | (rev & POLLOUT ? CURL_WAIT_POLLOUT : 0) |
                                    (rev & (POLLPRI | POLLERR | POLLHUP | POLLNVAL) ? CURL_WAIT_POLLPRI : 0));
     }
-    if (fds[n].revents) {
-        nready = epoll_wait(p->epfd, ready, PROVIDER_EVENTS_PER_WAKE, 0);
-        for (int i = 0; i < nready; i++) {
-            int mask = (ready[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR) ? CURL_CSELECT_IN : 0) |
-                       (ready[i].events & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
-                       (ready[i].events & EPOLLERR ? CURL_CSELECT_ERR : 0);
-            curl_multi_socket_action(p->multi, ready[i].data.fd, mask, &running);
-        }
-    }
-    if (p->timer_due_ms >= 0 && clock_monotonic_ms() >= p->timer_due_ms)
+    if (fds[n].revents)
+        act_on_ready_sockets(p);
+    else if (p->timer_due_ms >= 0 && clock_monotonic_ms() >= p->timer_due_ms)
         curl_timeout_action(p);
     return CURLM_OK;
 }
@@ -438,6 +447,9 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
     int queued;
     CURLMsg *msg;
 
+    /* Answers that arrived since the last wait end here too, so they ride in the
+     * exchange the caller is about to send. */
+    act_on_ready_sockets(p);
     while ((msg = curl_multi_info_read(p->multi, &queued)) != NULL) {
         transfer_t *t = NULL;
         provider_response_t r;
