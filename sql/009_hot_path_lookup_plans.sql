@@ -5,7 +5,7 @@
 -- A session keeps a statement's plan until the jobs table's statistics change. Planned
 -- while they said the table held a few rows (a new installation that autovacuum
 -- analysed early), the plans went on reading the whole table once it had grown, until
--- the next analyze: with 22,000 jobs added (tests/sql/plans_hot_path.sql), one submit
+-- the next analyze: with 22,000 jobs added (tests/sql/plans.sql), one submit
 -- read 42,343 rows, one exchange 110,065, one stream call and one cancel up to the
 -- whole table. Sequential scans off (as 008 did for results and extend) is enough for
 -- submit_many, exchange and cancel, whose lookups are by an array of ids or by one id:

@@ -1,10 +1,14 @@
--- Lookups of jobs by id (dispatch.results, dispatch.extend) read only the rows asked
--- for, however much the table has grown since the session planned them: a plan made
--- while the table held a few rows (a new install) must not go on scanning it whole
--- until autovacuum next analyses it.
+-- The functions on every request's path (submit_many, exchange, stream, cancel,
+-- results, extend) find their jobs through indexes however much the table has grown
+-- since a session planned them: a plan made while the statistics said the table held a
+-- few rows (a new install, analysed early) must not go on reading the whole table until
+-- autovacuum next analyses it (migrations 008 and 009). Each function is planned here
+-- on an analysed table of three jobs, called past the point where a plan is kept, then
+-- called once more after 22,000 jobs have been added; scans of dispatch.jobs and the
+-- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(4);
+SELECT plan(15);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -19,39 +23,62 @@ RESET SESSION AUTHORIZATION;
 
 -- Three jobs, leased by gpu-a, and statistics that say the table is that small.
 SELECT count(*) FROM dispatch.submit_many(
-    '[{"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}]') \g /dev/null
+    '[{"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}]',
+    'r1') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
 SELECT count(*) FROM dispatch.exchange(NULL, 3) \g /dev/null
 RESET SESSION AUTHORIZATION;
-SELECT min(id) AS j1, max(id) AS j3 FROM dispatch.jobs \gset
+SELECT min(id) AS streamed, max(id) AS extended FROM dispatch.jobs \gset
+SELECT set_config('pgd_test.streamed', :'streamed', false) \g /dev/null
+SELECT set_config('pgd_test.extended', :'extended', false) \g /dev/null
 ANALYZE dispatch.jobs;
 
--- Both lookups planned in this session, past the calls after which a plan is kept.
-SELECT set_config('pgd_test.j1', :'j1', false) \g /dev/null
+-- Each function planned in this session: ten calls, past the five after which
+-- PL/pgSQL may keep a generic plan. cancel is planned on ids that do not exist.
+CREATE FUNCTION pg_temp.cancel_unknown(p_id bigint) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dispatch.cancel(p_id);
+    RAISE EXCEPTION 'cancel(%) found a job', p_id;
+EXCEPTION WHEN sqlstate 'PD007' THEN
+    NULL;
+END
+$$;
 DO $$
 BEGIN
     FOR i IN 1..10 LOOP
-        PERFORM * FROM dispatch.results(ARRAY[current_setting('pgd_test.j1')::bigint]);
+        PERFORM * FROM dispatch.submit_many('[{"model": "m1", "payload": {}}]', 'r1');
+        PERFORM pg_temp.cancel_unknown(-i);
+        PERFORM * FROM dispatch.results(ARRAY[current_setting('pgd_test.streamed')::bigint]);
     END LOOP;
 END
 $$;
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
 DO $$
+DECLARE
+    outs json;
 BEGIN
+    -- Settle the previous call's lease and lease one more, as a daemon does.
     FOR i IN 1..10 LOOP
-        PERFORM * FROM dispatch.extend(ARRAY[current_setting('pgd_test.j1')::bigint], ARRAY[1]);
+        SELECT json_agg(json_build_object('id', e.id, 'attempt', e.attempt, 'result', '{}'::json)) INTO outs
+        FROM dispatch.exchange(outs, 1) e WHERE e.kind = 'job';
+        PERFORM * FROM dispatch.stream(json_build_array(json_build_object(
+            'id', current_setting('pgd_test.streamed')::bigint, 'attempt', 1, 'seq', i, 'more', true, 'data', 'x')));
+        PERFORM * FROM dispatch.extend(ARRAY[current_setting('pgd_test.extended')::bigint], ARRAY[1]);
     END LOOP;
+    PERFORM set_config('pgd_test.outs', outs::text, false);
 END
 $$;
 RESET SESSION AUTHORIZATION;
 
--- The table grows by 20,000 finished jobs, not analysed.
+-- The table grows by 20,000 finished and 2,000 queued jobs, not analysed.
 INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, state, result, finished_at)
 SELECT 'm1', '/v1/chat/completions', '{}', 3, 'succeeded', '{}', now() FROM generate_series(1, 20000);
+INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts)
+SELECT 'm1', '/v1/chat/completions', '{}', 3 FROM generate_series(1, 2000);
 
--- Sequential scans of dispatch.jobs, and rows read from it: rows returned by its
--- sequential and bitmap scans plus entries returned by its indexes (a plain index
--- scan's rows are counted on the index).
+-- Sequential scans of dispatch.jobs, and rows read from it so far in this transaction:
+-- rows returned by its sequential and bitmap scans plus entries returned by its indexes
+-- (a plain index scan's rows are counted on the index).
 CREATE FUNCTION pg_temp.jobs_reads(OUT scans bigint, OUT tuples bigint) LANGUAGE sql AS $$
     SELECT pg_stat_get_xact_numscans('dispatch.jobs'::regclass),
            pg_stat_get_xact_tuples_returned('dispatch.jobs'::regclass)
@@ -59,16 +86,54 @@ CREATE FUNCTION pg_temp.jobs_reads(OUT scans bigint, OUT tuples bigint) LANGUAGE
            + (SELECT sum(pg_stat_get_xact_tuples_returned(i.indexrelid))::bigint
               FROM pg_index i WHERE i.indrelid = 'dispatch.jobs'::regclass)
 $$;
-CREATE TEMP TABLE reads AS SELECT * FROM pg_temp.jobs_reads();
-SELECT count(*) FROM dispatch.results(ARRAY[:j1, :j3]::bigint[]) \g /dev/null
+CREATE TEMP TABLE reads (call text PRIMARY KEY, scans bigint, tuples bigint);
+CREATE FUNCTION pg_temp.mark(p_call text) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO pg_temp.reads SELECT p_call, r.scans, r.tuples FROM pg_temp.jobs_reads() r
+$$;
+CREATE FUNCTION pg_temp.since(p_call text, OUT scans bigint, OUT tuples bigint) LANGUAGE sql AS $$
+    SELECT r.scans - m.scans, r.tuples - m.tuples FROM pg_temp.jobs_reads() r, pg_temp.reads m
+    WHERE m.call = p_call
+$$;
+
+SELECT pg_temp.mark('submit_many') \g /dev/null
+SELECT count(*) FROM dispatch.submit_many('[{"model": "m1", "payload": {}}]', 'r1') \g /dev/null
+SELECT is((pg_temp.since('submit_many')).scans, 0::bigint, 'submit_many: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('submit_many')).tuples, '<', 10000::bigint,
+              'submit_many: reads a fraction of the table');
+
+SELECT pg_temp.mark('exchange') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
-SELECT count(*) FROM dispatch.extend(ARRAY[:j1, :j3]::bigint[], ARRAY[1, 1]) \g /dev/null
+SELECT count(*) FROM dispatch.exchange(current_setting('pgd_test.outs')::json, 5) \g /dev/null
 RESET SESSION AUTHORIZATION;
-SELECT is(now_.scans - reads.scans, 0::bigint, 'results and extend: no sequential scan of the grown table')
-FROM reads, pg_temp.jobs_reads() now_;
-SELECT cmp_ok(now_.tuples - reads.tuples, '<=', 20::bigint,
-              'results and extend: read the rows asked for, not the table')
-FROM reads, pg_temp.jobs_reads() now_;
+SELECT is((pg_temp.since('exchange')).scans, 0::bigint, 'exchange: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 10000::bigint, 'exchange: reads a fraction of the table');
+
+SELECT pg_temp.mark('stream') \g /dev/null
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT count(*) FROM dispatch.stream(json_build_array(json_build_object(
+    'id', :streamed, 'attempt', 1, 'seq', 11, 'more', false, 'data', 'x'))) \g /dev/null
+RESET SESSION AUTHORIZATION;
+SELECT is((pg_temp.since('stream')).scans, 0::bigint, 'stream: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('stream')).tuples, '<=', 20::bigint, 'stream: reads the job it relays for, not the table');
+
+-- The last job added: a scan of the table in its physical order meets it last.
+SELECT max(id) AS cancelled FROM dispatch.jobs \gset
+SELECT pg_temp.mark('cancel') \g /dev/null
+SELECT is(dispatch.cancel(:cancelled), 'cancelled', 'cancel: cancels a queued job');
+SELECT is((pg_temp.since('cancel')).scans, 0::bigint, 'cancel: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('cancel')).tuples, '<=', 20::bigint, 'cancel: reads the job it cancels, not the table');
+
+SELECT pg_temp.mark('results') \g /dev/null
+SELECT count(*) FROM dispatch.results(ARRAY[:streamed, :extended]::bigint[]) \g /dev/null
+SELECT is((pg_temp.since('results')).scans, 0::bigint, 'results: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('results')).tuples, '<=', 20::bigint, 'results: reads the jobs asked for, not the table');
+
+SELECT pg_temp.mark('extend') \g /dev/null
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT count(*) FROM dispatch.extend(ARRAY[:streamed, :extended]::bigint[], ARRAY[1, 1]) \g /dev/null
+RESET SESSION AUTHORIZATION;
+SELECT is((pg_temp.since('extend')).scans, 0::bigint, 'extend: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('extend')).tuples, '<=', 20::bigint, 'extend: reads the jobs asked for, not the table');
 
 SELECT * FROM finish();
 ROLLBACK;
