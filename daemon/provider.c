@@ -335,11 +335,7 @@ CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, in
         extra[i].revents = (short)((rev & POLLIN ? CURL_WAIT_POLLIN : 0) | (rev & POLLOUT ? CURL_WAIT_POLLOUT : 0) |
                                    (rev & (POLLPRI | POLLERR | POLLHUP | POLLNVAL) ? CURL_WAIT_POLLPRI : 0));
     }
-    if (fds[n].revents)
-        act_on_ready_sockets(p);
-    else if (p->timer_due_ms >= 0 && clock_monotonic_ms() >= p->timer_due_ms)
-        curl_timeout_action(p);
-    return CURLM_OK;
+    return CURLM_OK;   /* provider_run lets curl act on what is ready */
 }
 
 void provider_set_chunk_sink(provider_t *p, provider_chunk_fn fn, void *ctx)
@@ -447,8 +443,8 @@ void provider_run(provider_t *p, const provider_events_t *ev, void *ctx)
     int queued;
     CURLMsg *msg;
 
-    /* Answers that arrived since the last wait end here too, so they ride in the
-     * exchange the caller is about to send. */
+    /* Everything ready now, including answers that arrived since the wait, so they
+     * ride in the exchange the caller may be about to send. */
     act_on_ready_sockets(p);
     while ((msg = curl_multi_info_read(p->multi, &queued)) != NULL) {
         transfer_t *t = NULL;

@@ -95,12 +95,12 @@ void provider_free(provider_t *p);
 /* Where streaming jobs' pieces go (none: they are only assembled). */
 void provider_set_chunk_sink(provider_t *p, provider_chunk_fn fn, void *ctx);
 
-/* Waits on transfers and the extra fds (at most 4) for at most timeout_ms, then lets
- * curl act on the sockets that are ready and on its timer. Errors and hang-ups of an
- * extra fd come back as CURL_WAIT_POLLPRI. Not CURLM_OK when poll fails (errno says
- * why). */
+/* Waits until a transfer's socket or an extra fd (at most 4) is ready or curl's timer
+ * is due, for at most timeout_ms. Errors and hang-ups of an extra fd come back as
+ * CURL_WAIT_POLLPRI. Not CURLM_OK when poll fails (errno says why). */
 CURLMcode provider_wait(provider_t *p, struct curl_waitfd *extra, unsigned n, int timeout_ms);
-/* Drives transfers and reports each finished one through ev. */
+/* Lets curl act on its ready sockets and due timer, and reports each finished
+ * transfer through ev. Call it after every provider_wait. */
 void provider_run(provider_t *p, const provider_events_t *ev, void *ctx);
 
 /* Starts POST {base}{endpoint} with payload (copied); job->stream says whether the
