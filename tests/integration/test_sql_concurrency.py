@@ -122,6 +122,26 @@ def test_submit_wakes_as_many_nodes_as_new_jobs_most_free_slots_first(db):
     assert [n.payload for n in listener.drain_through_sentinel(db, channel)] == [""]
     nodes["wa"][0].close()
 
+
+def test_general_path_submit_wakes_each_model_like_the_short_path(db):
+    """A batch for two models (or with idempotency keys) runs submit_many's general
+    path (010); its NOTIFYs name nodes the same way, one per model."""
+    nodes = {name: node(db, name, ["m-g1", "m-g2"], 4) for name in ("ga", "gb")}
+    ids = {name: sess[0] for name, (conn, sess) in nodes.items()}
+    ch1, ch2 = nodes["ga"][1][3]
+    listener = Listener(nodes["ga"][0], ch1, ch2)
+    submit_many(db, [{"model": "m-g1", "payload": {}}, {"model": "m-g2", "payload": {}, "idempotency_key": "g-1"}])
+    got = listener.drain_through_sentinel(db, ch1)
+    by_channel = {n.channel: n.payload for n in got}
+    assert sorted(by_channel) == sorted([ch1, ch2]) and len(got) == 2, got
+    assert all(p in (str(ids["ga"]), str(ids["gb"])) for p in by_channel.values()), \
+        "one new job per model wakes one of its two nodes: %r" % by_channel
+    submit_many(db, [{"model": "m-g1", "payload": {}, "idempotency_key": "g-%d" % i} for i in range(2, 4)])
+    assert [n.payload for n in listener.drain_through_sentinel(db, ch1)] == [""], \
+        "as many keyed jobs as serving nodes wake them all"
+    for conn, _ in nodes.values():
+        conn.close()
+
 # -- concurrent leasing ------------------------------------------------------------
 
 def test_four_sessions_lease_each_job_exactly_once(db):

@@ -1,5 +1,5 @@
--- The functions on every request's path (submit_many, exchange, stream, cancel,
--- results, extend) find their jobs through indexes however much the table has grown
+-- The functions on every request's path (submit_many's two paths, exchange, stream,
+-- cancel, results, extend) find their jobs through indexes however much the table has grown
 -- since a session planned them: a plan made while the statistics said the table held a
 -- few rows (a new install, analysed early) must not go on reading the whole table until
 -- autovacuum next analyses it (migrations 008 and 009). Each function is planned here
@@ -8,7 +8,7 @@
 -- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(15);
+SELECT plan(17);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -47,6 +47,8 @@ DO $$
 BEGIN
     FOR i IN 1..10 LOOP
         PERFORM * FROM dispatch.submit_many('[{"model": "m1", "payload": {}}]', 'r1');
+        PERFORM * FROM dispatch.submit_many(format('[{"model": "m1", "payload": {}, "idempotency_key": "plan-%s"}]', i)::json,
+                                            'r1');
         PERFORM pg_temp.cancel_unknown(-i);
         PERFORM * FROM dispatch.results(ARRAY[current_setting('pgd_test.streamed')::bigint]);
     END LOOP;
@@ -100,6 +102,14 @@ SELECT count(*) FROM dispatch.submit_many('[{"model": "m1", "payload": {}}]', 'r
 SELECT is((pg_temp.since('submit_many')).scans, 0::bigint, 'submit_many: no sequential scan of the grown table');
 SELECT cmp_ok((pg_temp.since('submit_many')).tuples, '<', 10000::bigint,
               'submit_many: reads a fraction of the table');
+
+-- A keyed request takes submit_many's general path (010).
+SELECT pg_temp.mark('submit_many keyed') \g /dev/null
+SELECT count(*) FROM dispatch.submit_many('[{"model": "m1", "payload": {}, "idempotency_key": "grown"}]', 'r1') \g /dev/null
+SELECT is((pg_temp.since('submit_many keyed')).scans, 0::bigint,
+          'submit_many, general path: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('submit_many keyed')).tuples, '<', 10000::bigint,
+              'submit_many, general path: reads a fraction of the table');
 
 SELECT pg_temp.mark('exchange') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;

@@ -1,0 +1,109 @@
+-- submit_many's two paths (migration 010): which batches take the short path, and
+-- that it stores and answers exactly what the general path does for the same batch.
+-- Calls of the general path are counted with track_functions.
+BEGIN;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+SELECT plan(23);
+GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
+SET LOCAL track_functions = 'pl';
+
+-- One live node serving m1 with 10 slots; m-off is known but has no capacity.
+SELECT is(dispatch.enroll('gpu-a'), 'dispatch_node_gpu_a', 'enroll gpu-a');
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is((dispatch.register('llamacpp', ARRAY['m1'], 10)).node_name, 'gpu-a', 'gpu-a serves m1 with 10 slots');
+RESET SESSION AUTHORIZATION;
+SELECT lives_ok($$SELECT dispatch.set_capacity('m-off', 0)$$, 'm-off: known, capacity 0');
+
+CREATE FUNCTION pg_temp.general_calls() RETURNS bigint LANGUAGE sql AS $$
+    SELECT coalesce(sum(f.calls), 0)::bigint FROM pg_stat_xact_user_functions f
+    WHERE f.funcid = 'dispatch._submit_many_general(json, text)'::regprocedure
+$$;
+CREATE FUNCTION pg_temp.takes_general(p_requests json) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    before bigint := pg_temp.general_calls();
+BEGIN
+    PERFORM * FROM dispatch.submit_many(p_requests, 'gw_paths');
+    RETURN pg_temp.general_calls() > before;
+END
+$$;
+-- What a job stores, without its id and times (deadline as an offset from its creation).
+CREATE FUNCTION pg_temp.stored(p_ids bigint[]) RETURNS TABLE (n bigint, row_text text) LANGUAGE sql AS $$
+    SELECT row_number() OVER (ORDER BY j.id),
+           format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', j.model, j.endpoint, j.payload::text, j.priority, j.state,
+                  j.attempt, j.max_attempts, j.deadline - j.created_at, j.run_at = j.created_at, j.reply_channel,
+                  j.stream_token)
+    FROM dispatch.jobs j WHERE j.id = ANY (p_ids)
+$$;
+
+------------------------------------------------------------------------------
+-- Which path
+------------------------------------------------------------------------------
+SELECT ok(NOT pg_temp.takes_general('[{"model": "m1", "payload": {}}]'), 'one request for a served model: short path');
+SELECT ok(NOT pg_temp.takes_general(
+    '[{"model": "m1", "payload": {"a": 1}, "priority": 2, "timeout_ms": 100, "max_attempts": 4,
+       "endpoint": "/v1/embeddings", "stream_token": "abcdefgh1", "idempotency_key": null}]'),
+    'every optional field (and a null idempotency key): short path');
+SELECT ok(NOT pg_temp.takes_general(format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text,
+                                                                                ARRAY[16]), ','))::json),
+    '16 requests: short path');
+SELECT ok(pg_temp.takes_general(format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text,
+                                                                           ARRAY[17]), ','))::json),
+    '17 requests: general path');
+SELECT ok(pg_temp.takes_general(json_build_array(json_build_object('model', 'm1', 'payload', repeat('x', 70000)))),
+    'a batch of more than 64 kB: general path');
+SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}, "idempotency_key": "k-1"}]'),
+    'an idempotency key: general path');
+SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}}, {"model": "m1"}]'),
+    'a malformed element: general path');
+SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}}, {"model": "m2", "payload": {}}]'),
+    'two models: general path');
+SELECT ok(pg_temp.takes_general('[{"model": "nobody-serves", "payload": {}}]'),
+    'an unknown model: general path (it words the refusal)');
+SELECT results_eq($$SELECT sqlstate FROM dispatch.submit_many('[{"model": "m-off", "payload": {}}]')$$,
+    ARRAY['PD002'], 'a model without capacity is refused as before');
+SELECT ok(pg_temp.takes_general('[{"model": "m-off", "payload": {}}]'),
+    'a model without capacity: general path');
+SELECT ok(NOT pg_temp.takes_general('[]'), 'an empty batch: no path, no rows');
+
+------------------------------------------------------------------------------
+-- Same batch, both paths: same rows stored, same answers
+------------------------------------------------------------------------------
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+SELECT $$[{"model": "m1", "payload": {"n": 1,  "keep":  "spacing"}},
+          {"model": "m1", "payload": {"n": 2}, "priority": -3, "timeout_ms": 1500, "max_attempts": 7,
+           "endpoint": "/v1/completions", "stream_token": "Token12345678"},
+          {"model": "m1", "payload": [3], "endpoint": null, "priority": null, "max_attempts": null}]$$ AS batch \gset
+CREATE TEMP TABLE short_rows AS SELECT * FROM dispatch.submit_many(:'batch', 'gw_same');
+CREATE TEMP TABLE general_rows AS SELECT * FROM dispatch._submit_many_general(:'batch', 'gw_same');
+SELECT results_eq($$SELECT idx, sqlstate, message, id IS NOT NULL FROM short_rows ORDER BY idx$$,
+                  $$SELECT idx, sqlstate, message, id IS NOT NULL FROM general_rows ORDER BY idx$$,
+                  'both paths answer the same rows');
+SELECT results_eq($$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM short_rows))$$,
+                  $$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM general_rows))$$,
+                  'both paths store the same jobs');
+SELECT is((SELECT array_agg(j.payload::text ORDER BY r.idx) FROM short_rows r JOIN dispatch.jobs j ON j.id = r.id),
+          ARRAY['{"n": 1,  "keep":  "spacing"}', '{"n": 2}', '[3]'],
+          'short path: each row''s id is the job of its element, payload stored as sent');
+SELECT is((SELECT array_agg(id ORDER BY idx) = array_agg(id ORDER BY id) FROM short_rows), true,
+          'short path: ids ascend with the elements');
+
+-- A queue with room for 5 (capacity set to 5, 1 per slot): 7 requests admit 5 and
+-- refuse 2 on both paths.
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+SELECT lives_ok($$SELECT dispatch.set_capacity('m1', 5)$$, 'm1: capacity 5');
+SELECT is(dispatch.set_setting('queue_depth_per_slot', 1), 1::numeric, 'queue_depth_per_slot 1: room for 5');
+SELECT format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text, ARRAY[7]), ',')) AS seven \gset
+CREATE TEMP TABLE short_full AS SELECT * FROM dispatch.submit_many(:'seven', 'gw_full');
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+CREATE TEMP TABLE general_full AS SELECT * FROM dispatch._submit_many_general(:'seven', 'gw_full');
+SELECT results_eq($$SELECT idx, sqlstate, message, id IS NOT NULL FROM short_full ORDER BY idx$$,
+                  $$SELECT idx, sqlstate, message, id IS NOT NULL FROM general_full ORDER BY idx$$,
+                  'a full queue: both paths admit and refuse the same elements with the same message');
+SELECT results_eq($$SELECT idx, sqlstate, message FROM short_full WHERE sqlstate IS NOT NULL ORDER BY idx$$,
+    $$VALUES (6, 'PD003', 'queue for model "m1" is full (limit 5: capacity 5 x 1 per slot)'),
+             (7, 'PD003', 'queue for model "m1" is full (limit 5: capacity 5 x 1 per slot)')$$,
+    'a full queue: the overflow is refused with PD003');
+
+SELECT * FROM finish();
+ROLLBACK;
