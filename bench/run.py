@@ -808,6 +808,10 @@ def w_b1(bench, w):
     return w.result(figs, raw)
 
 
+HOPS_B2 = ("client send → submit starts", "submit starts → client has its answer", "submit starts → lease starts",
+           "lease starts → provider receives")
+
+
 def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=None, daemons=None,
          threads=1, counted=False):
     """Jobs submitted one by one on a fixed schedule; per job, against the client's send
@@ -880,9 +884,14 @@ def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=N
     # Latencies from the timestamps the control plane and the provider recorded (same
     # machine clock).
     rows = db.sql("SELECT id, extract(epoch FROM started_at)::float8, extract(epoch FROM finished_at)::float8, "
-                  "state FROM dispatch.jobs WHERE id = ANY(%s)", ([s[0] for s in ok],))
+                  "state, extract(epoch FROM created_at)::float8 FROM dispatch.jobs WHERE id = ANY(%s)",
+                  ([s[0] for s in ok],))
     by_id = {r[0]: r for r in rows}
     provider_ms, lease_ms, finish_ms, submit_ms, lag_ms = [], [], [], [], []
+    # The path in hops, per job: created_at is the submit transaction's start and
+    # started_at the leasing exchange's (both now()), so each hop is a difference of
+    # two clock readings of this machine.
+    hops = collections.OrderedDict((k, []) for k in HOPS_B2)
     for job_id, sched, t_send, t_ret, mark in ok:
         r = by_id.get(job_id)
         submit_ms.append((t_ret - t_send) * 1000)
@@ -893,13 +902,19 @@ def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=N
             lease_ms.append((r[1] - t_send) * 1000)
         if r and r[2] is not None:
             finish_ms.append((r[2] - t_send) * 1000)
+        if r and r[1] is not None and mark in received:
+            hops["client send → submit starts"].append((r[4] - t_send) * 1000)
+            hops["submit starts → client has its answer"].append((t_ret - r[4]) * 1000)
+            hops["submit starts → lease starts"].append((r[1] - r[4]) * 1000)
+            hops["lease starts → provider receives"].append((received[mark] - r[1]) * 1000)
 
     def dist(v):
         return {"n": len(v), "p50": rnd(pct(v, 50)), "p95": rnd(pct(v, 95)), "p99": rnd(pct(v, 99)),
                 "max": rnd(max(v) if v else None)}
     res.update(submit_to_provider_ms=dist(provider_ms), submit_to_lease_ms=dist(lease_ms),
                submit_to_finished_ms=dist(finish_ms), submit_call_ms=dist(submit_ms),
-               schedule_lag_ms=dist(lag_ms), states=collections.Counter(r[3] for r in rows),
+               schedule_lag_ms=dist(lag_ms), hops_ms={k: dist(v) for k, v in hops.items()},
+               states=collections.Counter(r[3] for r in rows),
                provider_arrivals_missing=len(ok) - len(provider_ms), provider_arrivals_dropped=dropped)
     if own:
         for d in daemons:
@@ -1813,6 +1828,18 @@ def details_b2(a, r):
             d("submit_to_lease_ms"),
             d("submit_to_finished_ms"), x["submit_call_ms"]["p50"], x["submit_call_ms"]["p99"],
             x["schedule_lag_ms"]["p99"]))
+    if not all("hops_ms" in x for x in r["raw"]):
+        return
+    a("")
+    a("The same path in hops, per job (created_at and started_at are the submit's and the leasing "
+      "exchange's transaction starts): p50 / p99 ms.")
+    a("")
+    a("| repeat | " + " | ".join(HOPS_B2) + " |")
+    a("|---|" + "---|" * len(HOPS_B2))
+    for x in r["raw"]:
+        a("| %s | %s |" % (x["repeat"], " | ".join("%s / %s" % (fmt_val(x["hops_ms"][k]["p50"], "%.2f"),
+                                                              fmt_val(x["hops_ms"][k]["p99"], "%.2f"))
+                                                  for k in HOPS_B2)))
 
 
 def details_b3(a, r):
