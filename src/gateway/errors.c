@@ -76,52 +76,52 @@ void errors_reply(gw_reply_t *r, int status, const char *code, const char *fmt, 
     errors_set(r, status, code, message);
 }
 
-int errors_status_for_sqlstate(const char *sqlstate)
-{
-    if (db_sqlstate_session_lost(sqlstate) || db_sqlstate_transient(sqlstate))
-        return 503;
-    if (strcmp(sqlstate, "22023") == 0)
-        return 400;
-    if (strcmp(sqlstate, "PD001") == 0 || strcmp(sqlstate, "PD007") == 0)
-        return 404;
-    if (strcmp(sqlstate, "PD002") == 0)
-        return 503;
-    if (strcmp(sqlstate, "PD003") == 0)
-        return 429;
-    if (strcmp(sqlstate, "PD008") == 0)
-        return 409;
-    return 500;
-}
+/* The SQLSTATEs the control plane raises on purpose, with the HTTP status and code
+ * each one answers; retry: the client is told when to try again (Retry-After). */
+static const struct sqlstate_answer {
+    const char *sqlstate;
+    int status;
+    const char *code;
+    bool retry;
+} sqlstate_answers[] = {
+    {"22023", 400, "invalid_request", false},
+    {"PD001", 404, "model_not_found", false},
+    {"PD002", 503, "no_live_node", true},
+    {"PD003", 429, "queue_full", true},
+    {"PD007", 404, "not_found", false},
+    {"PD008", 409, "idempotency_key_reused", false},
+};
 
-static const char *errors_code_for_sqlstate(const char *sqlstate)
+static const struct sqlstate_answer lost_answer = {NULL, 503, "database_unavailable", false};
+static const struct sqlstate_answer busy_answer = {NULL, 503, "database_busy", true};
+static const struct sqlstate_answer internal_answer = {NULL, 500, "internal_error", false};
+
+/* A lost session is told apart first: it is also what a NULL SQLSTATE means. */
+static const struct sqlstate_answer *errors_answer_for_sqlstate(const char *sqlstate)
 {
     if (db_sqlstate_session_lost(sqlstate))
-        return "database_unavailable";
-    if (strcmp(sqlstate, "22023") == 0)
-        return "invalid_request";
-    if (strcmp(sqlstate, "PD001") == 0)
-        return "model_not_found";
-    if (strcmp(sqlstate, "PD002") == 0)
-        return "no_live_node";
-    if (strcmp(sqlstate, "PD003") == 0)
-        return "queue_full";
-    if (strcmp(sqlstate, "PD007") == 0)
-        return "not_found";
-    if (strcmp(sqlstate, "PD008") == 0)
-        return "idempotency_key_reused";
+        return &lost_answer;
+    for (size_t i = 0; i < sizeof sqlstate_answers / sizeof sqlstate_answers[0]; i++)
+        if (strcmp(sqlstate, sqlstate_answers[i].sqlstate) == 0)
+            return &sqlstate_answers[i];
     if (db_sqlstate_transient(sqlstate))
-        return "database_busy";
-    return "internal_error";
+        return &busy_answer;
+    return &internal_answer;
+}
+
+int errors_status_for_sqlstate(const char *sqlstate)
+{
+    return errors_answer_for_sqlstate(sqlstate)->status;
 }
 
 void errors_reply_sqlstate(gw_reply_t *r, const char *sqlstate, const char *message)
 {
-    int status = errors_status_for_sqlstate(sqlstate);
+    const struct sqlstate_answer *answer = errors_answer_for_sqlstate(sqlstate);
 
     if (!message || !*message)
-        message = status == 503 ? "the database is unavailable; try again" : "request refused";
-    errors_set(r, status, errors_code_for_sqlstate(sqlstate), message);
-    if (status == 429 || (sqlstate && strcmp(sqlstate, "PD002") == 0) || db_sqlstate_transient(sqlstate))
+        message = answer->status == 503 ? "the database is unavailable; try again" : "request refused";
+    errors_set(r, answer->status, answer->code, message);
+    if (answer->retry)
         r->retry_after_s = 1;
 }
 
