@@ -2099,6 +2099,7 @@ def load_results():
 
 
 def main():
+    global RESULTS_MD  # quick runs write theirs under bench/out/
     ap = argparse.ArgumentParser(description="pgdispatch benchmarks (BENCHMARKS.md)")
     ap.add_argument("--only", default="", help="workloads to run, e.g. B4 or B1,B6 (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -2107,7 +2108,13 @@ def main():
                     help="small sizes, 1 repeat: checks the harness; writes only under bench/out/")
     ap.add_argument("--no-limits", action="store_true", help="skip the pgbench physical-limit probes")
     ap.add_argument("--keep-cluster", action="store_true")
+    ap.add_argument("--report", action="store_true",
+                    help="measure nothing: rewrite RESULTS.md from results.json (and CHANGES.md as it is now)")
     args = ap.parse_args()
+    if args.report:
+        write_report(load_results())
+        log("wrote %s" % RESULTS_MD)
+        return 0
     if args.quick:
         args.repeats = 1
     wanted = [w.strip().upper() for w in re.split(r"[ ,]+", args.only) if w.strip()] or list(WORKLOADS)
@@ -2172,7 +2179,6 @@ def main():
             json.dump(store, f, indent=1, default=str)
     refresh_b8_target(store)
     if args.quick:
-        global RESULTS_MD
         RESULTS_MD = os.path.join(bench.out, "RESULTS.md")
     else:
         with open(RESULTS_JSON, "w") as f:
