@@ -7,10 +7,11 @@
 -- light load sends one request per call) needs none of that. It now runs two
 -- small statements: one reads the settings, the model's capacity and how much of
 -- its queue is free; one inserts the jobs and wakes the model's daemons with the
--- same NOTIFY as before. By hand, a one-job submit took 0.39-0.57 ms of server
--- time this way against 0.74-1.08 ms for 003's statement (bench/CHANGES.md).
+-- same NOTIFY as before. In B4 at 200 req/s the gateway's submit call took
+-- 0.81-0.93 ms of server time against 1.32-1.35 ms in the run before
+-- (bench/CHANGES.md has the measurements by hand).
 --
--- Every other batch, and a fast-path batch whose model is unknown or has no
+-- Every other batch, and a short-path batch whose model is unknown or has no
 -- capacity (so that each refusal keeps its one wording), goes to 003's function,
 -- renamed dispatch._submit_many_general. Its behaviour does not change.
 -- tests/sql/submit_paths.sql checks that both paths store and answer the same.
@@ -22,15 +23,15 @@ COMMENT ON FUNCTION dispatch._submit_many_general(json, text) IS
 malformed elements, refusals). submit_many calls it for every batch its short path
 does not take; same arguments and rows.';
 
--- Batches larger than this go to the general path: checking element i of a json
--- value parses the text up to it, so the short path's checks cost grows with the
--- square of the batch, and a large batch's fixed cost is shared by its jobs anyway.
 CREATE FUNCTION dispatch.submit_many(p_requests json, p_reply_channel text DEFAULT NULL)
 RETURNS TABLE (idx integer, id bigint, sqlstate text, message text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
 SET enable_seqscan = off AS $$
 #variable_conflict use_column
 DECLARE
+    -- Larger batches go to the general path: checking element i of a json value
+    -- parses the text up to it, so the checks here cost the square of the batch,
+    -- and a large batch shares the general statement's fixed cost among its jobs.
     short_path_max_elements CONSTANT integer := 16;
     short_path_max_bytes CONSTANT integer := 65536;
     v_count integer;
