@@ -3,7 +3,7 @@
 -- now() is fixed inside the test transaction: time passes by moving rows' timestamps.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(106);
+SELECT plan(112);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -38,6 +38,21 @@ SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1.5, "attempt": 1, "
                  'exchange: a fractional id');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 9223372036854775808, "attempt": 1, "result": {}}]', 0)$$,
                  '22023', NULL, 'exchange: an id beyond bigint');
+SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 10000000000000000000, "attempt": 1, "result": {}}]', 0)$$,
+                 '22023', NULL, 'exchange: an id of twenty digits');
+SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": -1, "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
+                 'exchange: a negative id');
+SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1e3, "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
+                 'exchange: an id with an exponent');
+SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": "", "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
+                 'exchange: an empty id');
+SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1, "attempt": 1000000000, "result": {}}]', 0)$$,
+                 '22023', NULL, 'exchange: an attempt of ten digits');
+SELECT results_eq($$SELECT kind, id, attempt
+                    FROM dispatch.exchange('[{"id": 9223372036854775807, "attempt": 999999999, "result": {}},
+                                             {"id": "0012", "attempt": "3", "result": {}}]', 0)$$,
+                  $$VALUES ('stale', 12::bigint, 3), ('stale', 9223372036854775807::bigint, 999999999)$$,
+                  'exchange: the largest id, a nine-digit attempt and digits given as strings are well formed (stale here)');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1, "attempt": -1, "result": {}}]', 0)$$, '22023', NULL,
                  'exchange: a negative attempt');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1, "attempt": 1}]', 0)$$, '22023', NULL,
