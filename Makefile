@@ -21,6 +21,9 @@ DEB_PACKAGES := build-essential pkg-config libpq-dev libcurl4-openssl-dev libmic
 # libFuzzer (make fuzz, make test-fuzz): clang and its runtime (only recommended by clang-14).
 DEB_PACKAGES += clang libclang-rt-14-dev
 
+# Instructions per call of the hot SQL functions (bench/sqlcost.py, part of make bench).
+DEB_PACKAGES += valgrind
+
 COMMON_SRC  := $(wildcard src/common/*.c)
 GATEWAY_SRC := $(wildcard src/gateway/*.c)
 DAEMON_SRC  := $(wildcard daemon/*.c)
@@ -114,7 +117,7 @@ clean: ## remove build output
 
 # Benchmarks (../shared/BENCHMARKS.md): `make bench` measures B1-B9 into bench/RESULTS.md;
 # `make bench B=B4` (or B="B1 B6") runs only those; bench/out/ keeps logs and raw JSON.
-.PHONY: bench
+.PHONY: bench bench-sqlcost
 $(BUILD)/loadgen: bench/loadgen.c
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/loadgen.c -lm
@@ -124,6 +127,8 @@ $(BUILD)/hopfloor: bench/hopfloor.c
 
 bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
+bench-sqlcost: deps ## instructions a backend runs per call of exchange and submit_many (callgrind)
+	$(PYTHON) bench/sqlcost.py
 
 .PHONY: test-compose
 test-compose: ## run docker-compose.yml for real (podman-compose, as root) and check the running system

@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import pgharness  # noqa: E402
+import sqlcost  # noqa: E402
 
 BUILD = os.path.join(ROOT, "build")
 PG_BIN = pgharness.PG_BIN
@@ -1577,6 +1578,12 @@ def measure_limits(bench):
         "%.0f (64); bare statement %.0f (10)" % (
             lim["commit_tps_8_clients"], lim["notify_commit_tps_8_clients"], lim["sql_exchange_jobs_per_s_c10"],
             lim["sql_exchange_jobs_per_s_c64"], lim["sql_bare_jobs_per_s_c10"]))
+    # What the hot functions cost in instructions (bench/sqlcost.py): unlike the rates
+    # above these do not move with the machine's load, so a change of a few per cent shows.
+    try:
+        lim["instructions_per_call"] = sqlcost.measure(log=log)
+    except SystemExit as e:
+        log("limits: instructions per call not measured: %s" % e)
     return lim
 
 
@@ -1691,6 +1698,14 @@ def write_report(data):
         if bare:
             a("| SQL only, bare: one statement settling the 10 jobs held by id and leasing 10, none of "
               "exchange's rules (BENCHMARKS.md's reference round trip) (jobs/s) | %.0f |" % bare)
+        ipc = lim.get("instructions_per_call")
+        if ipc:
+            a("| instructions a backend runs (callgrind, bench/sqlcost.py; independent of the machine's load): "
+              "`dispatch.exchange` settling 10 and leasing 10, per call | %s |" % "{:,}".format(ipc["exchange_10x10"]))
+            a("| same: under light load, the call leasing one job plus the call settling it | %s |"
+              % "{:,}".format(ipc["exchange_light"]))
+            a("| same: the gateway's `dispatch.submit_many` of one request, per call | %s |"
+              % "{:,}".format(ipc["submit_one"]))
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")
         a("the daemon makes, with no HTTP, no daemon and no provider sharing the 2 cores.")

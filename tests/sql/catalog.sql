@@ -2,7 +2,7 @@
 -- function open to PUBLIC, SECURITY DEFINER on every function a role may call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(8);
+SELECT plan(9);
 
 SELECT has_schema('dispatch');
 
@@ -45,6 +45,17 @@ SELECT is_empty($$
       AND (has_table_privilege(r.rolname, c.oid, 'SELECT') OR has_table_privilege(r.rolname, c.oid, 'INSERT')
         OR has_table_privilege(r.rolname, c.oid, 'UPDATE') OR has_table_privilege(r.rolname, c.oid, 'DELETE'))
 $$, 'gateway and daemon roles have no privilege on any table or view');
+
+-- A statement with parameters can otherwise be planned again on every call, for the
+-- life of the session (migration 012: half of a submit's instructions went to it).
+SELECT is_empty($$
+    SELECT p.oid::regprocedure::text FROM unnest(ARRAY['dispatch.submit_many(json, text)',
+                                                    'dispatch.exchange(json, integer)',
+                                                    'dispatch.results(bigint[])',
+                                                    'dispatch.stream(json)']::regprocedure[]) AS f(oid)
+    JOIN pg_proc p ON p.oid = f.oid
+    WHERE NOT coalesce(p.proconfig @> ARRAY['plan_cache_mode=force_generic_plan'], false)
+$$, 'the functions on a request''s path keep one generic plan per session');
 
 SELECT is(dispatch.schema_version(), (SELECT max(version) FROM dispatch.migrations),
           'schema_version reports the newest migration');
