@@ -127,7 +127,7 @@ $(BUILD)/hopfloor: bench/hopfloor.c
 
 bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
-bench-sqlcost: deps ## instructions a backend runs per call of exchange and submit_many (callgrind)
+bench-sqlcost: deps ## instructions a backend runs per call of exchange, submit_many and results (callgrind)
 	$(PYTHON) bench/sqlcost.py
 
 .PHONY: test-compose

@@ -1706,6 +1706,7 @@ def write_report(data):
               % "{:,}".format(ipc["exchange_light"]))
             a("| same: the gateway's `dispatch.submit_many` of one request, per call | %s |"
               % "{:,}".format(ipc["submit_one"]))
+            a("| same: the gateway's `dispatch.results` of one job, per call | %s |" % "{:,}".format(ipc["results_one"]))
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")
         a("the daemon makes, with no HTTP, no daemon and no provider sharing the 2 cores.")

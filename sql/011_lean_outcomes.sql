@@ -1,25 +1,20 @@
--- 011: exchange asks when to wake only when it has to, and reads outcomes cheaper.
+-- 011: exchange reads its outcomes with less work.
 --
--- Counted with callgrind (instructions of the backend per call, which unlike time do not
--- move with the machine's load; bench/CHANGES.md): one call that settles 10 jobs and
--- leases 10 ran 3.73 million instructions, of which about 0.21 million went to starting
--- the executor for the statement's wake-time part, which only runs when fewer jobs were
--- leased than asked; a saturated node never ran it. Under light load (a call leases
--- one job, a later call settles it) it ran in both calls: a restatement of _next_wake
--- with corrections for the rows the statement itself changed, which read every lease
--- held on the node's models. The statement now only settles and leases; when fewer
--- were leased than asked, the function asks dispatch._next_wake after it, which sees
--- the call's own changes, so the rule lives in one place again.
+-- Counted with callgrind (instructions a backend runs per call, which unlike time do not
+-- move with the machine's load; bench/sqlcost.py, bench/CHANGES.md), one call settling
+-- 10 jobs and leasing 10 spent about 0.12 million instructions checking the outcomes'
+-- ids and attempts with two regular expressions each, and 0.10 million handing every
+-- settled job back to this function, which only needs the ones a reply channel waits
+-- on or that went back to the queue (the durable commit is asked for by the outcomes
+-- themselves). The checks now use ltrim and length (the same outcomes are accepted and
+-- refused: tests/sql/exchange.sql has the boundaries), and the other settled rows stay
+-- in the statement. 10 settled and 10 leased per call: 3.94 -> 3.73 million instructions.
 --
--- Two smaller savings: a settled job comes back to the function only when someone waits
--- on it (a reply channel) or it went back to the queue (the other settled rows only
--- confirmed a durable commit, which the outcomes already ask for); an outcome's id and
--- attempt are checked to be digits with ltrim and length instead of two regular
--- expressions per outcome (same outcomes accepted and refused).
---
--- Measured the same way: 10 settled and 10 leased per call 3.73 -> 3.31 million
--- instructions (-11 %); under light load, a call that leases one job plus the call that
--- settles it (reply channel, nothing else queued) 2.91 -> 2.73 million for the pair (-6 %).
+-- Tried, not kept: asking dispatch._next_wake after the statement instead of computing
+-- the wake time inside it (the statement then starts 0.21 million instructions lighter:
+-- 3.55 million). It costs a statement of its own in every call that leases fewer than
+-- asked, which under light load is every call: B8's statements per job at 10 % load
+-- went from 6.86 to 8.59, past its target of 8.
 
 CREATE OR REPLACE FUNCTION dispatch.exchange(p_outcomes json, p_max_jobs integer)
 RETURNS SETOF dispatch.exchange_row
@@ -38,8 +33,6 @@ DECLARE
     v_probe boolean := true;           -- look for expired leases (first pass only)
     v_expired_leases boolean;
     v_models text[];
-    v_node dispatch.nodes;
-    v_may_lease boolean;
     v_durable boolean;                 -- outcomes, expired or requeued jobs: keep the durable commit
     v_channel text;                    -- the reply NOTIFY being built
     v_ids text;
@@ -67,10 +60,10 @@ BEGIN
         -- Rows: '_meta' first (what this function must still check), then 'stale' and
         -- 'job' rows for the caller, then the jobs that expired in the queue, the
         -- finished jobs someone waits on ('done') and the retried ('requeued'), ordered
-        -- by reply channel.
+        -- by reply channel, then the 'wake' row.
         FOR x IN
             WITH me AS MATERIALIZED (
-                SELECT nd AS node, nd.id, nd.models, nd.last_poll_completed_at,
+                SELECT nd.id, nd.models, nd.last_poll_completed_at,
                        v_want > 0 AND nd.admin_state = 'active' AND nd.health = 'healthy' AS may_lease,
                        coalesce(nd.max_concurrency, st.default_slots)
                        + CASE WHEN nd.lease_ahead < 0 THEN coalesce(nd.max_concurrency, st.default_slots)
@@ -176,35 +169,52 @@ BEGIN
                        -- Poll stamps (for health() and nodes()) are renewed at most once a
                        -- second: a write per call would cost a row version per round trip.
                        me.may_lease AND (me.last_poll_completed_at IS NULL
-                                         OR me.last_poll_completed_at < now() - interval '1 second') AS stamp,
-                       me.node, me.may_lease
+                                         OR me.last_poll_completed_at < now() - interval '1 second') AS stamp
                 FROM me, blocked b
                 UNION ALL
-                SELECT 1, 0, NULL, NULL, 'stale', o.id, o.attempt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                       NULL, NULL
+                SELECT 1, 0, NULL, NULL, 'stale', o.id, o.attempt, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
                 FROM o LEFT JOIN settled s ON s.id = o.id AND s.attempt = o.attempt WHERE s.id IS NULL
                 UNION ALL
                 SELECT 2, t.priority, t.run_at, NULL, 'job', t.id, t.attempt, t.model, t.endpoint, t.payload,
-                       t.deadline, t.lease_expires_at, NULL, NULL, NULL, NULL, NULL, NULL
+                       t.deadline, t.lease_expires_at, NULL, NULL, NULL, NULL
                 FROM taken t WHERE t.state = 'leased'
                 UNION ALL
                 SELECT 3, 0, NULL, t.reply_channel, 'expired', t.id, t.attempt, t.model, NULL, NULL, NULL, NULL,
-                       NULL, NULL, NULL, NULL, NULL, NULL
+                       NULL, NULL, NULL, NULL
                 FROM taken t WHERE t.state = 'expired'
                 UNION ALL
                 -- A settled job matters to this function only when someone waits on it or
                 -- it goes back to the queue (the commit is durable anyway: there were outcomes).
                 SELECT 3, 0, NULL, s.reply_channel, CASE WHEN s.state = 'queued' THEN 'requeued' ELSE 'done' END,
-                       s.id, s.attempt, s.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                       s.id, s.attempt, s.model, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
                 FROM settled s WHERE s.reply_channel IS NOT NULL OR s.state = 'queued'
+                UNION ALL
+                -- When fewer than asked were leased: when to look again (NULL: on a
+                -- notification). The rule of _next_wake, written out here because this
+                -- statement sees the jobs as they were before it: the leases it settled
+                -- are left out, the retries it queued and the leases it took added.
+                SELECT 4, 0, NULL, NULL, 'wake', NULL, NULL, NULL, NULL, NULL, NULL,
+                       CASE WHEN me.may_lease THEN least(
+                           (SELECT min(r.run_at) FROM unnest(me.models) m(model),
+                                LATERAL (SELECT j.run_at FROM dispatch.jobs j
+                                         -- run_at > now() >= created_at: only jobs_delayed rows qualify.
+                                         WHERE j.state = 'queued' AND j.model = m.model AND j.run_at > now()
+                                           AND j.run_at > j.created_at
+                                         ORDER BY j.run_at LIMIT 1) r),
+                           (SELECT min(j.lease_expires_at) FROM dispatch.jobs j
+                            WHERE j.state = 'leased' AND j.model = ANY (me.models)
+                              AND NOT EXISTS (SELECT 1 FROM settled s WHERE s.id = j.id)),
+                           (SELECT min(s.run_at) FROM settled s WHERE s.state = 'queued'),
+                           (SELECT min(t.lease_expires_at) FROM taken t WHERE t.state = 'leased')) END,
+                       NULL, NULL, NULL, NULL
+                FROM me
+                WHERE v_want > 0 AND (SELECT count(*) FROM taken t WHERE t.state = 'leased') < v_want
             ) u
             ORDER BY u.part, u.priority DESC, u.run_at, u.channel, u.id
         LOOP
             CASE x.kind
             WHEN '_meta' THEN
                 v_registered := true;
-                v_node := x.node;
-                v_may_lease := x.may_lease;
                 v_models := x.models;
                 v_expired_leases := x.expired_leases;
                 IF x.malformed > 0 THEN
@@ -245,6 +255,10 @@ BEGIN
             WHEN 'requeued' THEN
                 v_durable := true;
                 v_requeued := v_requeued || x.model;
+            WHEN 'wake' THEN
+                IF v_again = 0 AND NOT v_expired_leases THEN
+                    RETURN NEXT ('wake', NULL, NULL, NULL, NULL, NULL, NULL, x.lease_expires_at)::dispatch.exchange_row;
+                END IF;
             END CASE;
         END LOOP;
 
@@ -275,14 +289,6 @@ BEGIN
         v_outcomes := NULL;
         v_want := p_max_jobs - v_leased;
     END LOOP;
-
-    -- Fewer leased than asked: say when to look again (NULL: on a notification). Asked
-    -- here, after the statement, so that _next_wake sees this call's own settles and
-    -- leases; a node that leased all it asked for looks again anyway.
-    IF v_leased < p_max_jobs THEN
-        RETURN NEXT ('wake', NULL, NULL, NULL, NULL, NULL, NULL,
-                     CASE WHEN v_may_lease THEN dispatch._next_wake(v_node) END)::dispatch.exchange_row;
-    END IF;
 
     IF v_notify_channels IS NOT NULL THEN
         PERFORM pg_notify(n.channel, n.payload) FROM unnest(v_notify_channels, v_notify_payloads) AS n(channel, payload);
