@@ -1706,6 +1706,9 @@ def write_report(data):
               % "{:,}".format(ipc["exchange_light"]))
             a("| same: the gateway's `dispatch.submit_many` of one request, per call | %s |"
               % "{:,}".format(ipc["submit_one"]))
+            if "submit_16" in ipc:
+                a("| same: `dispatch.submit_many` of 16 requests for one model, per call | %s |"
+                  % "{:,}".format(ipc["submit_16"]))
             a("| same: the gateway's `dispatch.results` of one job, per call | %s |" % "{:,}".format(ipc["results_one"]))
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")

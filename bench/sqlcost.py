@@ -13,6 +13,7 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   exchange_light   under light load: a call that leases one job (nothing else
                    queued), then the call that settles it (a reply channel waits)
   submit_one       the gateway's submit_many of one request (to an empty queue)
+  submit_16        the same with 16 requests, as the gateway batches them under load
   results_one      the gateway's read of one job (dispatch.results)
 
 Usage: bench/sqlcost.py [--calls N] [--json FILE]   (needs valgrind; about a minute)
@@ -67,16 +68,24 @@ def exchange_light(node, admin, calls):
         node.commit()
 
 
-def submit_one(gateway, admin, calls):
-    body = json.dumps([REQUEST])
+def submit(gateway, admin, calls, requests):
+    body = json.dumps([REQUEST] * requests)
     for _ in range(calls):
-        row = gateway.execute("SELECT id, sqlstate FROM dispatch.submit_many(%s, 'gw_reply')", (body,)).fetchone()
+        rows = gateway.execute("SELECT id, sqlstate FROM dispatch.submit_many(%s, 'gw_reply')", (body,)).fetchall()
         gateway.commit()
-        if row[1] is not None:
-            raise SystemExit("sqlcost: submit_many refused the request: %s" % (row,))
-        # The queue stays empty, as under a gateway's light load: a submit counts the
-        # model's queued jobs (up to its queue limit) to know whether there is room.
-        admin.execute("DELETE FROM dispatch.jobs WHERE id = %s", (row[0],))
+        if len(rows) != requests or any(r[1] is not None for r in rows):
+            raise SystemExit("sqlcost: submit_many refused a request: %s" % (rows,))
+        # The queue stays empty, as in B2 and B4: a submit counts the model's queued
+        # jobs (up to its queue limit) to know whether there is room.
+        admin.execute("DELETE FROM dispatch.jobs WHERE id = ANY (%s)", ([r[0] for r in rows],))
+
+
+def submit_one(gateway, admin, calls):
+    submit(gateway, admin, calls, 1)
+
+
+def submit_16(gateway, admin, calls):
+    submit(gateway, admin, calls, 16)
 
 
 def results_one(gateway, admin, calls):
@@ -93,6 +102,7 @@ SHAPES = {
     "exchange_10x10": (exchange_10x10, "dispatch_node_probe", True),
     "exchange_light": (exchange_light, "dispatch_node_light", True),
     "submit_one": (submit_one, "sqlcost_gateway", False),
+    "submit_16": (submit_16, "sqlcost_gateway", False),
     "results_one": (results_one, "sqlcost_gateway", False),
 }
 NODE_MODELS = {"dispatch_node_probe": ["probe"], "dispatch_node_light": ["light"]}

@@ -1,9 +1,11 @@
 -- submit_many's two paths (migration 010): which batches take the short path, and
--- that it stores and answers exactly what the general path does for the same batch.
+-- that it stores and answers exactly what the general path does for the same batch,
+-- however the elements are written (013 reads each element once, with
+-- json_populate_record, where the general path reads field by field).
 -- Calls of the general path are counted with track_functions.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(23);
+SELECT plan(29);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 SET LOCAL track_functions = 'pl';
@@ -47,11 +49,17 @@ SELECT ok(NOT pg_temp.takes_general(
 SELECT ok(NOT pg_temp.takes_general(format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text,
                                                                                 ARRAY[16]), ','))::json),
     '16 requests: short path');
-SELECT ok(pg_temp.takes_general(format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text,
-                                                                           ARRAY[17]), ','))::json),
-    '17 requests: general path');
-SELECT ok(pg_temp.takes_general(json_build_array(json_build_object('model', 'm1', 'payload', repeat('x', 70000)))),
-    'a batch of more than 64 kB: general path');
+SELECT ok(NOT pg_temp.takes_general(format('[%s]', array_to_string(array_fill('{"model": "m1", "payload": {}}'::text,
+                                                                               ARRAY[1000]), ','))::json),
+    '1000 requests: short path (it reads each element once, so no batch is too long for it)');
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+SELECT ok(NOT pg_temp.takes_general(json_build_array(json_build_object('model', 'm1', 'payload', repeat('x', 70000)))),
+    'a batch of more than 64 kB: short path');
+SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}}, 5]'),
+    'an element that is not an object: general path');
+SELECT results_eq($$SELECT idx, sqlstate, message FROM dispatch.submit_many('[{"model": "m1", "payload": {}}, 5]')$$,
+    $$VALUES (1, NULL::text, NULL::text), (2, '22023', 'each request must be a JSON object')$$,
+    'an element that is not an object is refused alone');
 SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}, "idempotency_key": "k-1"}]'),
     'an idempotency key: general path');
 SELECT ok(pg_temp.takes_general('[{"model": "m1", "payload": {}}, {"model": "m1"}]'),
@@ -87,6 +95,28 @@ SELECT is((SELECT array_agg(j.payload::text ORDER BY r.idx) FROM short_rows r JO
           'short path: each row''s id is the job of its element, payload stored as sent');
 SELECT is((SELECT array_agg(id ORDER BY idx) = array_agg(id ORDER BY id) FROM short_rows), true,
           'short path: ids ascend with the elements');
+
+-- Written unusually: a repeated key (the last one counts, as with ->), escaped strings,
+-- a payload with escapes and odd spacing (stored as sent), explicit nulls.
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+SELECT $$[{"model": "m-off", "model": "m1", "payload": {"first": true}, "payload": {"t" :  "\u00e9\/"}},
+          {"model": "m\u0031", "payload": {}, "endpoint": "\/v1\/embeddings", "stream_token": "abc\u0064efgh1",
+           "priority": 7, "idempotency_key": null, "timeout_ms": null},
+          {"payload": null, "model": "m1", "payload": {"n": 3}, "priority": -2, "max_attempts": 100}]$$ AS odd \gset
+SELECT ok(NOT pg_temp.takes_general(:'odd'), 'unusually written, well-formed requests: short path');
+UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+CREATE TEMP TABLE short_odd AS SELECT * FROM dispatch.submit_many(:'odd', 'gw_odd');
+CREATE TEMP TABLE general_odd AS SELECT * FROM dispatch._submit_many_general(:'odd', 'gw_odd');
+SELECT results_eq($$SELECT idx, sqlstate, message, id IS NOT NULL FROM short_odd ORDER BY idx$$,
+                  $$SELECT idx, sqlstate, message, id IS NOT NULL FROM general_odd ORDER BY idx$$,
+                  'unusually written: both paths answer the same rows');
+SELECT results_eq($$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM short_odd))$$,
+                  $$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM general_odd))$$,
+                  'unusually written: both paths store the same jobs');
+SELECT is((SELECT array_agg(format('%s %s %s', j.payload::text, j.endpoint, j.stream_token) ORDER BY r.idx)
+           FROM short_odd r JOIN dispatch.jobs j ON j.id = r.id),
+          ARRAY['{"t" :  "\u00e9\/"} /v1/chat/completions ', '{} /v1/embeddings abcdefgh1', '{"n": 3} /v1/chat/completions '],
+          'unusually written: the last of a repeated key counts, strings are read unescaped, payloads kept as sent');
 
 -- A queue with room for 5 (capacity set to 5, 1 per slot): 7 requests admit 5 and
 -- refuse 2 on both paths.
