@@ -268,13 +268,24 @@ class Observer:
                     FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
                     WHERE d.datname = %(db)s),
                    (SELECT coalesce(json_agg(json_build_object('pid', a.pid, 'u', a.usename::text)), '[]'::json)
-                    FROM pg_stat_activity a WHERE a.datname = %(db)s)
+                    FROM pg_stat_activity a WHERE a.datname = %(db)s),
+                   (SELECT json_build_object('n', checkpoints_timed + checkpoints_req,
+                                             'sync_ms', checkpoint_sync_time, 'write_ms', checkpoint_write_time)
+                    FROM pg_stat_bgwriter)
             """, {"db": dbname}).fetchone()
         return {"t": time.time(), "commits": row[0] or 0, "rollbacks": row[1] or 0,
-                "pgss": row[2], "backends": row[3]}
+                "pgss": row[2], "backends": row[3], "checkpoints": row[4]}
 
     def close(self):
         self.conn.close()
+
+
+def checkpoint_delta(s0, s1):
+    """Checkpoints that ended between two snapshots (the whole cluster's), and the time
+    they spent writing and syncing files: what a stall in a latency window may line up with."""
+    a, b = s0["checkpoints"], s1["checkpoints"]
+    return {"count": b["n"] - a["n"], "write_ms": round(b["write_ms"] - a["write_ms"]),
+            "sync_ms": round(b["sync_ms"] - a["sync_ms"])}
 
 
 def stmt_delta(s0, s1):
@@ -1042,8 +1053,9 @@ def w_b4(bench, w):
                         r["open"]["%s_%d" % (path, rate)] = lg
                         if path == "gateway":
                             r["stages_%d" % rate] = job_stages(db, t_a, time.time())
-                            r["statements_%d" % rate] = statement_times(
-                                stmt_delta(s_a, bench.observer.snapshot(db.name)))
+                            s_b = bench.observer.snapshot(db.name)
+                            r["statements_%d" % rate] = statement_times(stmt_delta(s_a, s_b))
+                            r["checkpoints_%d" % rate] = checkpoint_delta(s_a, s_b)
                     gw, di = r["open"]["gateway_%d" % rate], r["open"]["direct_%d" % rate]
                     for p in ("p50", "p99"):
                         a, b = gw["latency_ms"].get(p), di["latency_ms"].get(p)
@@ -1894,17 +1906,23 @@ def details_b4(a, r):
       "created→started = submit commit, wake-up and lease; started→finished = the daemon's provider call "
       "and the completing exchange; the rest of the client's latency is spent in the gateway.")
     a("")
-    a("| repeat | rate | created→started p50/p99 ms | started→finished p50/p99 ms | client p50/p99 ms |")
-    a("|---|---|---|---|---|")
+    a("Checkpoints: those that ended during the run (the whole cluster's, pg_stat_bgwriter), with "
+      "the ms they spent writing and syncing files; commits wait on the disk they share.")
+    a("")
+    a("| repeat | rate | created→started p50/p99 ms | started→finished p50/p99 ms | client p50/p99 ms "
+      "| checkpoints (write/sync ms) |")
+    a("|---|---|---|---|---|---|")
     for x in r["raw"]:
         for rate in (200, 1000):
             st = x.get("stages_%d" % rate)
             lg = x["open"].get("gateway_%d" % rate)
+            cp = x.get("checkpoints_%d" % rate)
             if st and lg:
-                a("| %s | %s | %s/%s | %s/%s | %s/%s |" % (
+                a("| %s | %s | %s/%s | %s/%s | %s/%s | %s |" % (
                     x["repeat"], rate, st["created_to_started_ms"]["p50"], st["created_to_started_ms"]["p99"],
                     st["started_to_finished_ms"]["p50"], st["started_to_finished_ms"]["p99"],
-                    lg["latency_ms"].get("p50"), lg["latency_ms"].get("p99")))
+                    lg["latency_ms"].get("p50"), lg["latency_ms"].get("p99"),
+                    "%d (%d/%d)" % (cp["count"], cp["write_ms"], cp["sync_ms"]) if cp else "not recorded"))
     a("")
     a("The top-level statements with the most server time during each open-loop gateway run "
       "(pg_stat_statements): mean ms and shared buffers per call.")
