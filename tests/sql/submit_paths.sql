@@ -38,6 +38,24 @@ CREATE FUNCTION pg_temp.stored(p_ids bigint[]) RETURNS TABLE (n bigint, row_text
     FROM dispatch.jobs j WHERE j.id = ANY (p_ids)
 $$;
 
+-- Submits a batch on both paths (the queue emptied first) and checks that they answer
+-- and store the same; the short path's rows stay in the temp table short_<tag>.
+CREATE FUNCTION pg_temp.both_paths_agree(p_batch json, p_tag text) RETURNS SETOF text LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+    EXECUTE format('CREATE TEMP TABLE short_%s AS SELECT * FROM dispatch.submit_many($1, %L)', p_tag, 'gw_' || p_tag)
+        USING p_batch;
+    EXECUTE format('CREATE TEMP TABLE general_%s AS SELECT * FROM dispatch._submit_many_general($1, %L)',
+                   p_tag, 'gw_' || p_tag) USING p_batch;
+    RETURN NEXT results_eq(format('SELECT idx, sqlstate, message, id IS NOT NULL FROM short_%s ORDER BY idx', p_tag),
+                           format('SELECT idx, sqlstate, message, id IS NOT NULL FROM general_%s ORDER BY idx', p_tag),
+                           p_tag || ': both paths answer the same rows');
+    RETURN NEXT results_eq(format('SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM short_%s))', p_tag),
+                           format('SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM general_%s))', p_tag),
+                           p_tag || ': both paths store the same jobs');
+END
+$$;
+
 ------------------------------------------------------------------------------
 -- Which path
 ------------------------------------------------------------------------------
@@ -77,23 +95,15 @@ SELECT ok(NOT pg_temp.takes_general('[]'), 'an empty batch: no path, no rows');
 ------------------------------------------------------------------------------
 -- Same batch, both paths: same rows stored, same answers
 ------------------------------------------------------------------------------
-UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
 SELECT $$[{"model": "m1", "payload": {"n": 1,  "keep":  "spacing"}},
           {"model": "m1", "payload": {"n": 2}, "priority": -3, "timeout_ms": 1500, "max_attempts": 7,
            "endpoint": "/v1/completions", "stream_token": "Token12345678"},
           {"model": "m1", "payload": [3], "endpoint": null, "priority": null, "max_attempts": null}]$$ AS batch \gset
-CREATE TEMP TABLE short_rows AS SELECT * FROM dispatch.submit_many(:'batch', 'gw_same');
-CREATE TEMP TABLE general_rows AS SELECT * FROM dispatch._submit_many_general(:'batch', 'gw_same');
-SELECT results_eq($$SELECT idx, sqlstate, message, id IS NOT NULL FROM short_rows ORDER BY idx$$,
-                  $$SELECT idx, sqlstate, message, id IS NOT NULL FROM general_rows ORDER BY idx$$,
-                  'both paths answer the same rows');
-SELECT results_eq($$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM short_rows))$$,
-                  $$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM general_rows))$$,
-                  'both paths store the same jobs');
-SELECT is((SELECT array_agg(j.payload::text ORDER BY r.idx) FROM short_rows r JOIN dispatch.jobs j ON j.id = r.id),
+SELECT * FROM pg_temp.both_paths_agree(:'batch', 'same');
+SELECT is((SELECT array_agg(j.payload::text ORDER BY r.idx) FROM short_same r JOIN dispatch.jobs j ON j.id = r.id),
           ARRAY['{"n": 1,  "keep":  "spacing"}', '{"n": 2}', '[3]'],
           'short path: each row''s id is the job of its element, payload stored as sent');
-SELECT is((SELECT array_agg(id ORDER BY idx) = array_agg(id ORDER BY id) FROM short_rows), true,
+SELECT is((SELECT array_agg(id ORDER BY idx) = array_agg(id ORDER BY id) FROM short_same), true,
           'short path: ids ascend with the elements');
 
 -- Written unusually: a repeated key (the last one counts, as with ->), escaped strings,
@@ -104,15 +114,7 @@ SELECT $$[{"model": "m-off", "model": "m1", "payload": {"first": true}, "payload
            "priority": 7, "idempotency_key": null, "timeout_ms": null},
           {"payload": null, "model": "m1", "payload": {"n": 3}, "priority": -2, "max_attempts": 100}]$$ AS odd \gset
 SELECT ok(NOT pg_temp.takes_general(:'odd'), 'unusually written, well-formed requests: short path');
-UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
-CREATE TEMP TABLE short_odd AS SELECT * FROM dispatch.submit_many(:'odd', 'gw_odd');
-CREATE TEMP TABLE general_odd AS SELECT * FROM dispatch._submit_many_general(:'odd', 'gw_odd');
-SELECT results_eq($$SELECT idx, sqlstate, message, id IS NOT NULL FROM short_odd ORDER BY idx$$,
-                  $$SELECT idx, sqlstate, message, id IS NOT NULL FROM general_odd ORDER BY idx$$,
-                  'unusually written: both paths answer the same rows');
-SELECT results_eq($$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM short_odd))$$,
-                  $$SELECT * FROM pg_temp.stored((SELECT array_agg(id) FROM general_odd))$$,
-                  'unusually written: both paths store the same jobs');
+SELECT * FROM pg_temp.both_paths_agree(:'odd', 'odd');
 SELECT is((SELECT array_agg(format('%s %s %s', j.payload::text, j.endpoint, j.stream_token) ORDER BY r.idx)
            FROM short_odd r JOIN dispatch.jobs j ON j.id = r.id),
           ARRAY['{"t" :  "\u00e9\/"} /v1/chat/completions ', '{} /v1/embeddings abcdefgh1', '{"n": 3} /v1/chat/completions '],
