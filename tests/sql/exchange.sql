@@ -32,22 +32,17 @@ SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"attempt": 1, "result": {}
                  'exchange: an outcome without id');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1, "result": {}}]', 0)$$, '22023', NULL,
                  'exchange: an outcome without attempt');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": "x", "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
-                 'exchange: a non-numeric id');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1.5, "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
-                 'exchange: a fractional id');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 9223372036854775808, "attempt": 1, "result": {}}]', 0)$$,
-                 '22023', NULL, 'exchange: an id beyond bigint');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 10000000000000000000, "attempt": 1, "result": {}}]', 0)$$,
-                 '22023', NULL, 'exchange: an id of twenty digits');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": -1, "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
-                 'exchange: a negative id');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1e3, "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
-                 'exchange: an id with an exponent');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": "", "attempt": 1, "result": {}}]', 0)$$, '22023', NULL,
-                 'exchange: an empty id');
-SELECT throws_ok($$SELECT * FROM dispatch.exchange('[{"id": 1, "attempt": 1000000000, "result": {}}]', 0)$$,
-                 '22023', NULL, 'exchange: an attempt of ten digits');
+-- Outcome ids and attempts that are not well formed, each refused with 22023.
+SELECT throws_ok(format('SELECT * FROM dispatch.exchange(%L, 0)', t.outcomes), '22023', NULL, 'exchange: ' || t.what)
+FROM (VALUES
+    ('[{"id": "x", "attempt": 1, "result": {}}]', 'a non-numeric id'),
+    ('[{"id": 1.5, "attempt": 1, "result": {}}]', 'a fractional id'),
+    ('[{"id": 9223372036854775808, "attempt": 1, "result": {}}]', 'an id beyond bigint'),
+    ('[{"id": 10000000000000000000, "attempt": 1, "result": {}}]', 'an id of twenty digits'),
+    ('[{"id": -1, "attempt": 1, "result": {}}]', 'a negative id'),
+    ('[{"id": 1e3, "attempt": 1, "result": {}}]', 'an id with an exponent'),
+    ('[{"id": "", "attempt": 1, "result": {}}]', 'an empty id'),
+    ('[{"id": 1, "attempt": 1000000000, "result": {}}]', 'an attempt of ten digits')) AS t(outcomes, what);
 SELECT results_eq($$SELECT kind, id, attempt
                     FROM dispatch.exchange('[{"id": 9223372036854775807, "attempt": 999999999, "result": {}},
                                              {"id": "0012", "attempt": "3", "result": {}}]', 0)$$,
