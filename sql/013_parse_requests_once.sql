@@ -122,9 +122,8 @@ BEGIN
                                                          WHERE chk.ok AND j.state = 'queued' AND j.model = v_model
                                                          LIMIT lim.queue_limit) q)
         INTO v_short, v_attempts, v_depth, v_capacity, v_limit, v_free
-        FROM (SELECT coalesce(bool_and(coalesce(dispatch._request_problem(e.r) IS NULL
-                                                AND e.r->>'model' = v_model
-                                                AND e.r->>'idempotency_key' IS NULL, false)), false) AS ok
+        FROM (SELECT bool_and(dispatch._request_problem(e.r) IS NULL AND e.r->>'model' = v_model
+                              AND e.r->>'idempotency_key' IS NULL) AS ok
               FROM json_array_elements(p_requests) AS e(r)) chk
         CROSS JOIN (SELECT max(s.value) FILTER (WHERE s.key = 'default_max_attempts')::integer AS default_attempts,
                            max(s.value) FILTER (WHERE s.key = 'queue_depth_per_slot') AS depth
