@@ -5,7 +5,7 @@
 -- Calls of the general path are counted with track_functions.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(29);
+SELECT plan(43);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 SET LOCAL track_functions = 'pl';
@@ -136,6 +136,54 @@ SELECT results_eq($$SELECT idx, sqlstate, message FROM short_full WHERE sqlstate
     $$VALUES (6, 'PD003', 'queue for model "m1" is full (limit 5: capacity 5 x 1 per slot)'),
              (7, 'PD003', 'queue for model "m1" is full (limit 5: capacity 5 x 1 per slot)')$$,
     'a full queue: the overflow is refused with PD003');
+
+-- Capacity in each of its tiers (014 reads the model's own, where 010-013 read the
+-- view of every model's): a full queue's answer quotes it, so both paths must agree.
+-- Each path gets the batch on an empty queue; only the answers are compared.
+CREATE FUNCTION pg_temp.overflow_agrees(p_model text, p_n integer, p_tag text) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_batch json := (SELECT json_agg(json_build_object('model', p_model, 'payload', '{}'::json))
+                     FROM generate_series(1, p_n));
+BEGIN
+    UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+    RETURN NEXT ok(NOT pg_temp.takes_general(v_batch), p_tag || ': short path');
+    UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+    EXECUTE format('CREATE TEMP TABLE short_%s AS SELECT * FROM dispatch.submit_many($1)', p_tag) USING v_batch;
+    UPDATE dispatch.jobs SET state = 'cancelled', finished_at = now() WHERE state = 'queued';
+    EXECUTE format('CREATE TEMP TABLE general_%s AS SELECT * FROM dispatch._submit_many_general($1, NULL)', p_tag)
+        USING v_batch;
+    RETURN NEXT results_eq(format('SELECT idx, sqlstate, message, id IS NOT NULL FROM short_%s ORDER BY idx', p_tag),
+                           format('SELECT idx, sqlstate, message, id IS NOT NULL FROM general_%s ORDER BY idx', p_tag),
+                           p_tag || ': both paths admit and refuse the same elements with the same message');
+END
+$$;
+
+-- Reported and unreported slots: gpu-b reports 3, gpu-c nothing (default_slots_per_node, 4).
+SELECT is(dispatch.enroll('gpu-b'), 'dispatch_node_gpu_b', 'enroll gpu-b');
+SELECT is(dispatch.enroll('gpu-c'), 'dispatch_node_gpu_c', 'enroll gpu-c');
+SET SESSION AUTHORIZATION dispatch_node_gpu_b;
+SELECT is((dispatch.register('vllm', ARRAY['m-rep'], 3)).node_name, 'gpu-b', 'gpu-b serves m-rep with 3 slots');
+RESET SESSION AUTHORIZATION;
+SET SESSION AUTHORIZATION dispatch_node_gpu_c;
+SELECT is((dispatch.register('ollama', ARRAY['m-rep', 'm-fb'])).node_name, 'gpu-c',
+          'gpu-c serves m-rep and m-fb, reports no slots');
+RESET SESSION AUTHORIZATION;
+SELECT * FROM pg_temp.overflow_agrees('m-rep', 9, 'mixed');
+SELECT results_eq($$SELECT DISTINCT message FROM short_mixed WHERE sqlstate = 'PD003'$$,
+    ARRAY['queue for model "m-rep" is full (limit 7: capacity 7 x 1 per slot)'],
+    'mixed: capacity is the reported 3 and the default 4');
+
+-- Known, but no node serves it now: the fallback capacity.
+SELECT is(dispatch.drain('gpu-c'), 'draining', 'gpu-c drains: nobody serves m-fb');
+SELECT is(dispatch.set_setting('fallback_capacity', 2), 2::numeric, 'fallback_capacity 2');
+SELECT * FROM pg_temp.overflow_agrees('m-fb', 3, 'fallback');
+SELECT results_eq($$SELECT DISTINCT message FROM short_fallback WHERE sqlstate = 'PD003'$$,
+    ARRAY['queue for model "m-fb" is full (limit 2: capacity 2 x 1 per slot)'],
+    'fallback: capacity is fallback_capacity');
+SELECT is(dispatch.set_setting('fallback_capacity', 0), 0::numeric, 'fallback_capacity 0');
+SELECT ok(pg_temp.takes_general('[{"model": "m-fb", "payload": {}}]'),
+    'known, nobody serves it, no fallback: general path (it words the refusal)');
 
 SELECT * FROM finish();
 ROLLBACK;
