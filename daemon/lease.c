@@ -21,7 +21,7 @@ const char LEASE_SQL_EXTEND[] =
     "SELECT id, attempt, ok, (extract(epoch FROM lease_expires_at - now()) * 1000)::bigint "
     "FROM dispatch.extend($1::bigint[], $2::int[])";
 const char LEASE_SQL_REPORT[] =
-    "SELECT node_id FROM dispatch.report($1, $2, $3::int)";
+    "SELECT r.node_id FROM dispatch.report($1, $2, $3::int) AS r, dispatch.set_lease_ahead($4::int)";
 const char LEASE_SQL_DEREGISTER[] = "SELECT dispatch.deregister()";
 const char LEASE_SQL_STREAM[] = "SELECT id, attempt, ok FROM dispatch.stream($1::json)";
 

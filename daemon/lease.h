@@ -17,7 +17,8 @@
 extern const char LEASE_SQL_REGISTER[];    /* $1 family, $2 text[] models, $3 int, $4 region, $5 jsonb */
 extern const char LEASE_SQL_EXCHANGE[];    /* $1 json outcomes, $2 int max_jobs; prepared as "pgd_exchange" */
 extern const char LEASE_SQL_EXTEND[];      /* $1 bigint[] ids, $2 int[] attempts */
-extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_concurrency */
+extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_concurrency,
+                                            * $4 int lease-ahead allowance */
 extern const char LEASE_SQL_DEREGISTER[];
 extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok */
 #define LEASE_EXCHANGE_STMT "pgd_exchange"

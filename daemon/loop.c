@@ -147,13 +147,38 @@ static long daemon_slots(const daemon_t *d)
  * leases its next one runs. Only while the provider answers faster than two round
  * trips: a job then waits here about as long as that round trip would have made it
  * wait anyway. With slower jobs, a lease kept waiting here could have been started
- * sooner by an idle node, so none is held. The database allows the extra leases
- * because the daemon passes this flag to dispatch.set_lease_ahead on connecting. */
+ * sooner by an idle node, so none is held. How many: in one round trip each slot
+ * finishes rtt / service jobs, so that many per slot keep it busy until the next
+ * leases come (as many as the slots at least, LOOP_LEASE_AHEAD_MAX_SLOTS times the
+ * slots at most, so that a crash strands few). The database allows the extra leases
+ * because the daemon tells it the allowance (set_lease_ahead) on connecting and with
+ * every report of a new capacity. */
+long loop_lease_ahead(long slots, long configured, int64_t service_us, int64_t rtt_us)
+{
+    int64_t ahead;
+
+    if (configured == 0 || service_us <= 0 || rtt_us <= 0 || service_us > 2 * rtt_us)
+        return 0;
+    if (configured > 0)
+        return configured;
+    ahead = ((int64_t)slots * rtt_us + service_us - 1) / service_us;
+    if (ahead < slots)
+        ahead = slots;
+    if (ahead > (int64_t)LOOP_LEASE_AHEAD_MAX_SLOTS * slots)
+        ahead = (int64_t)LOOP_LEASE_AHEAD_MAX_SLOTS * slots;
+    return (long)ahead;
+}
+
+long loop_lease_ahead_allowance(long slots, long configured)
+{
+    long most = configured >= 0 ? configured : LOOP_LEASE_AHEAD_MAX_SLOTS * slots;
+
+    return most > 100000 ? 100000 : most;    /* set_lease_ahead's bound */
+}
+
 static long daemon_lease_ahead(const daemon_t *d)
 {
-    if (d->cfg->lease_ahead == 0 || d->service_us == 0 || d->rtt_us == 0 || d->service_us > 2 * d->rtt_us)
-        return 0;
-    return d->cfg->lease_ahead < 0 ? daemon_slots(d) : d->cfg->lease_ahead;
+    return loop_lease_ahead(daemon_slots(d), d->cfg->lease_ahead, d->service_us, d->rtt_us);
 }
 
 /* Leases to ask for: the slots and the lease-ahead allowance, less the jobs held. */
@@ -467,8 +492,9 @@ static void send_listen(daemon_t *d)
         }
     }
     free(list);
-    /* What the database lets this node hold beyond its slots (see daemon_lease_ahead). */
-    buf_printf(&sql, "SELECT dispatch.set_lease_ahead(%ld);", d->cfg->lease_ahead);
+    /* What the database lets this node hold beyond its slots (see loop_lease_ahead). */
+    buf_printf(&sql, "SELECT dispatch.set_lease_ahead(%ld);",
+               loop_lease_ahead_allowance(daemon_slots(d), d->cfg->lease_ahead));
     if (sql.oom || sql.data == NULL)
         db_lost(d, "out of memory building LISTEN");
     else
@@ -571,8 +597,8 @@ static bool send_extend_if_due(daemon_t *d, int64_t now)
 
 static void send_report(daemon_t *d)
 {
-    char cap[24];
-    const char *values[3];
+    char cap[24], ahead[24];
+    const char *values[4];
 
     snprintf(cap, sizeof cap, "%ld", d->capacity);
     d->sent_healthy = d->healthy;
@@ -580,7 +606,10 @@ static void send_report(daemon_t *d)
     values[0] = d->healthy ? "healthy" : "degraded";
     values[1] = d->healthy ? NULL : d->reason;
     values[2] = d->capacity > 0 ? cap : NULL;
-    db_send(d, Q_REPORT, LEASE_SQL_REPORT, NULL, 3, values);
+    /* The allowance follows the slots (a capacity found after connecting changes both). */
+    snprintf(ahead, sizeof ahead, "%ld", loop_lease_ahead_allowance(daemon_slots(d), d->cfg->lease_ahead));
+    values[3] = ahead;
+    db_send(d, Q_REPORT, LEASE_SQL_REPORT, NULL, 4, values);
 }
 
 static void clear_extending(daemon_t *d)

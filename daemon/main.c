@@ -48,7 +48,7 @@ static const config_option_t options[] = {
     { "lease-ahead", "PGDISPATCH_LEASE_AHEAD", CONFIG_INT, &cfg.lease_ahead, "-1", -1, 100000,
       "jobs leased beyond the slots while the provider answers faster than two database round trips; "
       "they wait in the daemon and start as running jobs end, so no slot idles through a round trip "
-      "(-1: as many as the slots; 0: never)" },
+      "(-1: enough for one round trip at the provider's pace, 1 to 4 times the slots; 0: never)" },
     { "provider-family", "PGDISPATCH_PROVIDER_FAMILY", CONFIG_STRING, &cfg.provider_family, NULL, 0, 0,
       "llamacpp | vllm | sglang | ollama | openai (unset: guessed from /props, /server_info)" },
     { "region", "PGDISPATCH_REGION", CONFIG_STRING, &cfg.region, NULL, 0, 0,

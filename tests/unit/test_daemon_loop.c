@@ -1,4 +1,5 @@
-/* Unit tests for daemon/loop.c's timer selection and lease renewal schedule, and for
+/* Unit tests for daemon/loop.c's timer selection, lease renewal schedule and lease-ahead
+ * sizing, and for
  * src/common/buf.c's JSON string escaping that every outcome goes through. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -76,12 +77,47 @@ static void test_buf_growth_and_consume(void **state)
     assert_null(b.data);
 }
 
+static void test_lease_ahead_only_for_fast_jobs(void **state)
+{
+    (void)state;
+    assert_int_equal(loop_lease_ahead(10, -1, 0, 1500), 0);          /* pace not measured yet */
+    assert_int_equal(loop_lease_ahead(10, -1, 200, 0), 0);
+    assert_int_equal(loop_lease_ahead(10, -1, 3001, 1500), 0);       /* slower than two round trips */
+    assert_int_equal(loop_lease_ahead(10, 0, 200, 1500), 0);         /* --lease-ahead 0 */
+    assert_int_equal(loop_lease_ahead(10, 7, 200, 1500), 7);         /* a fixed number is kept */
+    assert_int_equal(loop_lease_ahead(10, 7, 3001, 1500), 0);
+}
+
+static void test_lease_ahead_covers_one_round_trip(void **state)
+{
+    (void)state;
+    /* Each slot finishes rtt / service jobs in a round trip. */
+    assert_int_equal(loop_lease_ahead(10, -1, 500, 1500), 30);
+    assert_int_equal(loop_lease_ahead(3, -1, 700, 1500), 7);           /* rounded up */
+    /* At least as many as the slots, at most LOOP_LEASE_AHEAD_MAX_SLOTS times them. */
+    assert_int_equal(loop_lease_ahead(10, -1, 2900, 1500), 10);
+    assert_int_equal(loop_lease_ahead(10, -1, 100, 1500), 10 * LOOP_LEASE_AHEAD_MAX_SLOTS);
+    assert_int_equal(loop_lease_ahead(100000, -1, 1, 60000000), 100000L * LOOP_LEASE_AHEAD_MAX_SLOTS);
+}
+
+static void test_lease_ahead_allowance(void **state)
+{
+    (void)state;
+    assert_int_equal(loop_lease_ahead_allowance(10, -1), 10 * LOOP_LEASE_AHEAD_MAX_SLOTS);
+    assert_int_equal(loop_lease_ahead_allowance(10, 0), 0);
+    assert_int_equal(loop_lease_ahead_allowance(10, 25), 25);
+    assert_int_equal(loop_lease_ahead_allowance(50000, -1), 100000);  /* set_lease_ahead's bound */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_timeout_picks_nearest_and_ignores_unset),
         cmocka_unit_test(test_timeout_past_deadline_is_zero_and_cap_holds),
         cmocka_unit_test(test_extend_due_after_a_third_of_the_lease),
+        cmocka_unit_test(test_lease_ahead_only_for_fast_jobs),
+        cmocka_unit_test(test_lease_ahead_covers_one_round_trip),
+        cmocka_unit_test(test_lease_ahead_allowance),
         cmocka_unit_test(test_json_string_escaping),
         cmocka_unit_test(test_buf_growth_and_consume),
     };
