@@ -46,7 +46,7 @@ int loop_timeout_ms(int64_t now, const int64_t *deadlines, size_t count, int cap
 /* Most leases an automatic lease-ahead holds beyond the slots, in slots. */
 #define LOOP_LEASE_AHEAD_MAX_SLOTS 4
 
-/* Leases to hold beyond `slots` (see daemon_lease_ahead in loop.c): none unless the
+/* Leases to hold beyond `slots` (why: at its definition in loop.c): none unless the
  * provider answers within two round trips (service_us, rtt_us: smoothed; 0: unknown);
  * `configured` when it is 0 or more; else (-1) enough to keep every slot busy through
  * one round trip at the provider's pace, from `slots` to LOOP_LEASE_AHEAD_MAX_SLOTS x
