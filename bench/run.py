@@ -281,8 +281,10 @@ class Observer:
 
 
 def checkpoint_delta(s0, s1):
-    """Checkpoints that ended between two snapshots (the whole cluster's), and the time
-    they spent writing and syncing files: what a stall in a latency window may line up with."""
+    """Checkpoints started between two snapshots (the whole cluster's; PostgreSQL counts a
+    checkpoint when it starts), and the time spent writing and syncing files by those that
+    ended between them (added when one ends): what a stall in a latency window may line up
+    with. A count of 0 with times is a checkpoint that began before the window and ended in it."""
     a, b = s0["checkpoints"], s1["checkpoints"]
     return {"count": b["n"] - a["n"], "write_ms": round(b["write_ms"] - a["write_ms"]),
             "sync_ms": round(b["sync_ms"] - a["sync_ms"])}
@@ -1906,11 +1908,12 @@ def details_b4(a, r):
       "created→started = submit commit, wake-up and lease; started→finished = the daemon's provider call "
       "and the completing exchange; the rest of the client's latency is spent in the gateway.")
     a("")
-    a("Checkpoints: those that ended during the run (the whole cluster's, pg_stat_bgwriter), with "
-      "the ms they spent writing and syncing files; commits wait on the disk they share.")
+    a("Checkpoints (the whole cluster's, pg_stat_bgwriter): how many started during the run, and the ms "
+      "that those which ended during it spent writing and syncing files (0 with times: one that began "
+      "before the run ended in it); commits wait on the disk they share.")
     a("")
     a("| repeat | rate | created→started p50/p99 ms | started→finished p50/p99 ms | client p50/p99 ms "
-      "| checkpoints (write/sync ms) |")
+      "| checkpoints started (write/sync ms of those ended) |")
     a("|---|---|---|---|---|---|")
     for x in r["raw"]:
         for rate in (200, 1000):
