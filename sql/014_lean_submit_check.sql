@@ -78,15 +78,15 @@ BEGIN
                     WHERE s.key IN ('default_max_attempts', 'queue_depth_per_slot', 'default_slots_per_node',
                                     'fallback_capacity')) st
         CROSS JOIN LATERAL (
-            SELECT array_agg(n.id) AS ids, array_agg(coalesce(n.max_concurrency, st.default_slots)) AS slots
-            FROM dispatch.nodes n
-            WHERE v_model = ANY (n.models) AND n.admin_state = 'active' AND n.health = 'healthy'
-              AND n.backend_pid IS NOT NULL AND dispatch._node_live(n.id, n.backend_pid)) sn
+            SELECT array_agg(n.id) AS ids, array_agg(n.slots) AS slots, sum(n.slots)::integer AS total
+            FROM (SELECT nd.id, coalesce(nd.max_concurrency, st.default_slots) AS slots
+                  FROM dispatch.nodes nd
+                  WHERE v_model = ANY (nd.models) AND nd.admin_state = 'active' AND nd.health = 'healthy'
+                    AND nd.backend_pid IS NOT NULL AND dispatch._node_live(nd.id, nd.backend_pid)) n) sn
         LEFT JOIN dispatch.capacity_overrides o ON o.model = v_model
         CROSS JOIN LATERAL (
             SELECT CASE WHEN o.capacity IS NOT NULL THEN o.capacity
-                        WHEN sn.ids IS NOT NULL
-                        THEN (SELECT sum(x)::integer FROM unnest(sn.slots) AS x)
+                        WHEN sn.ids IS NOT NULL THEN sn.total
                         WHEN EXISTS (SELECT 1 FROM dispatch.nodes n WHERE v_model = ANY (n.models))
                         THEN st.fallback END AS capacity) cap
         CROSS JOIN LATERAL (SELECT floor(coalesce(cap.capacity, 0) * st.depth)::bigint AS queue_limit) lim;
