@@ -24,6 +24,7 @@ const char LEASE_SQL_REPORT[] =
     "SELECT r.node_id FROM dispatch.report($1, $2, $3::int) AS r, dispatch.set_lease_ahead($4::int)";
 const char LEASE_SQL_DEREGISTER[] = "SELECT dispatch.deregister()";
 const char LEASE_SQL_STREAM[] = "SELECT id, attempt, ok FROM dispatch.stream($1::json)";
+const char LEASE_SQL_REFUSE_PUSHES[] = "SELECT dispatch.accept_pushes(false)";
 
 void lease_outbox_init(lease_outbox_t *ob)
 {
@@ -350,6 +351,54 @@ void lease_text_array(buf_t *out, const char *const *items, size_t count)
         buf_append_char(out, '"');
     }
     buf_append_char(out, '}');
+}
+
+bool lease_push_parse(char *text, lease_row_t *out, char *model, size_t model_cap)
+{
+    char *field[6];
+    char *p = text;
+    int64_t v, model_len;
+    size_t rest;
+
+    memset(out, 0, sizeof *out);
+    if (text == NULL || *p++ != 'P')
+        return false;
+    /* id, attempt, lease ms, deadline ms, endpoint, model bytes: none holds a ':'. */
+    for (size_t f = 0; f < sizeof field / sizeof field[0]; f++) {
+        char *end = strchr(p, ':');
+        if (end == NULL)
+            return false;
+        *end = '\0';
+        field[f] = p;
+        p = end + 1;
+    }
+    if (!parse_int64(field[0], &out->id) || out->id <= 0)
+        return false;
+    if (!parse_int64(field[1], &v) || v < 1 || v > INT32_MAX)
+        return false;
+    out->attempt = (int32_t)v;
+    if (!parse_int64(field[2], &out->lease_in_ms))
+        return false;
+    out->has_lease = true;
+    if (*field[3] != '\0') {
+        if (!parse_int64(field[3], &out->deadline_in_ms))
+            return false;
+        out->has_deadline = true;
+    }
+    if (field[4][0] != '/')
+        return false;
+    out->endpoint = field[4];
+    rest = strlen(p);
+    if (!parse_int64(field[5], &model_len) || model_len < 1 || (uint64_t)model_len >= model_cap ||
+        (uint64_t)model_len >= rest)
+        return false;
+    memcpy(model, p, (size_t)model_len);
+    model[model_len] = '\0';
+    out->model = model;
+    out->payload = p + model_len;
+    out->payload_len = rest - (size_t)model_len;
+    out->kind = LEASE_ROW_JOB;
+    return true;
 }
 
 bool lease_wake_names(const char *payload, int node_id)

@@ -21,6 +21,7 @@ extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_c
                                             * $4 int lease-ahead allowance */
 extern const char LEASE_SQL_DEREGISTER[];
 extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok */
+extern const char LEASE_SQL_REFUSE_PUSHES[];   /* dispatch.accept_pushes(false) */
 #define LEASE_EXCHANGE_STMT "pgd_exchange"
 
 /* An error outcome as the daemon reports it to dispatch.exchange. */
@@ -114,6 +115,16 @@ typedef struct {
 
 /* Parses row i of an exchange result. Returns false when the row is malformed. */
 bool lease_row_parse(const PGresult *res, int i, lease_row_t *out);
+
+/* Longest model name in a pushed job's notification (256 characters of UTF-8). */
+#define LEASE_MODEL_MAX 1024
+
+/* Parses a job pushed on the node's channel (dispatch.accept_pushes):
+ * "P<id>:<attempt>:<lease ms>:<deadline ms or empty>:<endpoint>:<model bytes>:<model><payload>"
+ * into a LEASE_ROW_JOB row. Writes into text (the fields are cut at their ':') and the
+ * model into model[model_cap]; endpoint and payload point into text. False when the
+ * text is not such a message. */
+bool lease_push_parse(char *text, lease_row_t *out, char *model, size_t model_cap);
 
 /* Whether a wake notification on a model channel is for this node: its payload is
  * empty (every node serving the model) or a comma-separated list of node ids. A

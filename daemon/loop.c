@@ -55,6 +55,7 @@ typedef enum {
     Q_REPORT,
     Q_DEREGISTER,
     Q_STREAM,
+    Q_REFUSE_PUSHES,
 } query_kind_t;
 
 typedef struct {
@@ -95,6 +96,7 @@ typedef struct {
     int64_t pause_until;
     int64_t query_sent_at;
     bool registered_once;
+    bool pushes_accepted;        /* this session told the database it takes pushed jobs */
     int node_id;
     char node_name[128];
     char node_channel[64];
@@ -122,7 +124,7 @@ typedef struct {
     int64_t exchange_sent_us;
     int64_t rtt_us;              /* smoothed exchange round trip */
     int64_t service_us;          /* smoothed provider time of a job (its transfer alone) */
-    uint64_t jobs_started, jobs_done, exchanges, stream_calls, pieces_relayed;
+    uint64_t jobs_started, jobs_pushed, jobs_done, exchanges, stream_calls, pieces_relayed;
 
     /* Shutdown. */
     bool stopping;
@@ -492,8 +494,10 @@ static void send_listen(daemon_t *d)
         }
     }
     free(list);
-    /* What the database lets this node hold beyond its slots (see loop_lease_ahead). */
-    buf_printf(&sql, "SELECT dispatch.set_lease_ahead(%ld);",
+    /* What the database lets this node hold beyond its slots (see loop_lease_ahead),
+     * and that submits may hand it jobs directly: in the LISTEN's transaction, so that
+     * no pushed job can come before this session listens. */
+    buf_printf(&sql, "SELECT dispatch.set_lease_ahead(%ld); SELECT dispatch.accept_pushes(true);",
                loop_lease_ahead_allowance(daemon_slots(d), d->cfg->lease_ahead));
     if (sql.oom || sql.data == NULL)
         db_lost(d, "out of memory building LISTEN");
@@ -658,6 +662,11 @@ static void maybe_send(daemon_t *d, int64_t now)
     provider_set_max_active(d->prov, (size_t)daemon_slots(d));
     if (d->db != DB_READY || d->query != Q_NONE || now < d->pause_until)
         return;
+    /* A daemon that stops takes no more pushed jobs: say so before anything else. */
+    if (d->stopping && d->pushes_accepted) {
+        db_send(d, Q_REFUSE_PUSHES, LEASE_SQL_REFUSE_PUSHES, NULL, 0, NULL);
+        return;
+    }
     if (d->healthy != d->db_healthy || d->capacity != d->db_capacity) {
         send_report(d);
         return;
@@ -704,6 +713,7 @@ static void db_close(daemon_t *d)
      * a gateway that already has them sees a seq it has passed. */
     lease_outbox_sent_retry(&d->chunks);
     d->last_was_stream = false;
+    d->pushes_accepted = false;      /* it held for that session only */
     clear_extending(d);
     db_set_state(d, DB_DOWN);
 }
@@ -843,12 +853,12 @@ static void on_register_result(daemon_t *d, const PGresult *res, const char *sql
     d->db_capacity = d->sent_capacity;
 }
 
-/* Times in the row count from the database's now(), which lies between sending the
- * query and receiving its answer. The lease is placed from the send time (renewed a
- * little early), the deadline from the receive time plus a millisecond (aborted a
- * little late), so that when the abort is settled the database agrees the deadline
- * has passed and records the job as expired. */
-static void start_job_row(daemon_t *d, const lease_row_t *row, int64_t received_at)
+/* Times in the row count from the database's now(), which lies before receiving it.
+ * The lease is placed from lease_from, at or before that moment (renewed a little
+ * early), the deadline from the receive time plus a millisecond (aborted a little
+ * late), so that when the abort is settled the database agrees the deadline has
+ * passed and records the job as expired. */
+static void start_job_row(daemon_t *d, const lease_row_t *row, int64_t received_at, int64_t lease_from)
 {
     job_t job = { 0 };
 
@@ -856,7 +866,7 @@ static void start_job_row(daemon_t *d, const lease_row_t *row, int64_t received_
     job.attempt = row->attempt;
     job.deadline_mono = row->has_deadline ? received_at + 1 + (row->deadline_in_ms > 0 ? row->deadline_in_ms : 0) : 0;
     job.lease_len_ms = row->lease_in_ms > 0 ? row->lease_in_ms : 1;
-    job.lease_expires_mono = d->query_sent_at + job.lease_len_ms;
+    job.lease_expires_mono = lease_from + job.lease_len_ms;
     job.stream = relay_requested(row->payload, row->payload_len);
     if (provider_start_job(d->prov, &job, row->endpoint, row->payload, row->payload_len) == NULL) {
         queue_error(d, &job, "internal", "the daemon could not start the transfer (out of memory)", true);
@@ -915,7 +925,7 @@ static void on_exchange_result(daemon_t *d, const PGresult *res, const char *sql
         }
         switch (row.kind) {
         case LEASE_ROW_JOB:
-            start_job_row(d, &row, now);
+            start_job_row(d, &row, now, d->query_sent_at);
             break;
         case LEASE_ROW_STALE:
             log_info("lease_refused", "job=%" PRId64 " attempt=%d next=result_dropped "
@@ -962,7 +972,11 @@ static void on_extend_result(daemon_t *d, const PGresult *res, const char *sqlst
             continue;
         j->extending = false;
         if (ok && !PQgetisnull(res, i, 3)) {
-            j->lease_expires_mono = d->query_sent_at + strtoll(PQgetvalue(res, i, 3), NULL, 10);
+            /* The renewal's length sets the next one's schedule (a pushed job's first
+             * lease is short: push_lease_seconds). */
+            int64_t len = strtoll(PQgetvalue(res, i, 3), NULL, 10);
+            j->lease_len_ms = len > 0 ? len : 1;
+            j->lease_expires_mono = d->query_sent_at + j->lease_len_ms;
         } else {
             log_info("lease_lost", "job=%" PRId64 " attempt=%d next=abort_transfer "
                      "reason=\"the attempt no longer holds its lease\"", id, attempt);
@@ -1118,6 +1132,18 @@ static void on_result(daemon_t *d, const PGresult *res)
     case Q_STREAM:
         on_stream_result(d, res, sqlstate, e);
         break;
+    case Q_REFUSE_PUSHES:
+        /* Asked once: if it failed, at most a few more pushes arrive, and deregister
+         * hands back any that are not run. */
+        d->pushes_accepted = false;
+        if (e != NULL && error_is_connection(d->conn, sqlstate)) {
+            db_lost(d, e);
+        } else if (e != NULL) {
+            char q[1100];
+            log_error("refuse_pushes_failed", "sqlstate=%s reason=%s next=continue_shutdown", sqlstate,
+                      log_quote(q, sizeof q, e));
+        }
+        break;
     case Q_NONE:
         break;
     }
@@ -1135,6 +1161,7 @@ static void on_query_done(daemon_t *d, query_kind_t kind)
         send_listen(d);
         break;
     case Q_LISTEN:
+        d->pushes_accepted = true;
         db_send(d, Q_PREPARE, LEASE_SQL_EXCHANGE, NULL, 0, NULL);
         break;
     case Q_PREPARE:
@@ -1152,8 +1179,37 @@ static void on_query_done(daemon_t *d, query_kind_t kind)
     }
 }
 
+/* A job a submit handed this node (dispatch.accept_pushes): already leased to it, so
+ * it starts now, like a leased one. Its lease began at the submit, a moment before the
+ * notification: the few milliseconds are far inside the renewal margin (a third). */
+static void on_push(daemon_t *d, char *text)
+{
+    lease_row_t row;
+    char model[LEASE_MODEL_MAX + 1];
+    int64_t now = clock_monotonic_ms();
+    char q[200];
+
+    if (!lease_push_parse(text, &row, model, sizeof model)) {
+        log_error("push_unreadable", "start=%s next=ignored reason=\"not a pushed job; if it was one, its lease "
+                  "runs out and it is retried\"", log_quote(q, sizeof q, text));
+        return;
+    }
+    if (d->aborted_rest) {
+        log_info("push_declined", "job=%" PRId64 " attempt=%d next=hand_back_on_deregister reason=shutting_down",
+                 row.id, (int)row.attempt);
+        return;
+    }
+    d->jobs_pushed++;
+    start_job_row(d, &row, now, now);
+    provider_kick(d->prov);
+}
+
 static void on_notify(daemon_t *d, const PGnotify *n)
 {
+    if (strcmp(n->relname, d->node_channel) == 0 && n->extra[0] == 'P') {
+        on_push(d, n->extra);
+        return;
+    }
     if (strcmp(n->relname, d->node_channel) == 0) {
         int64_t id = strtoll(n->extra, NULL, 10);
         job_t *j = provider_find_job(d->prov, id);
@@ -1448,9 +1504,9 @@ int loop_run(const daemon_config_t *cfg, int sigfd)
             db_io(&d, want);
         }
     }
-    log_info("exit", "status=%d jobs_started=%" PRIu64 " jobs_finished=%" PRIu64 " exchanges=%" PRIu64
+    log_info("exit", "status=%d jobs_started=%" PRIu64 " jobs_pushed=%" PRIu64 " jobs_finished=%" PRIu64 " exchanges=%" PRIu64
              " stream_calls=%" PRIu64 " pieces_relayed=%" PRIu64,
-             d.exit_code, d.jobs_started, d.jobs_done, d.exchanges, d.stream_calls, d.pieces_relayed);
+             d.exit_code, d.jobs_started, d.jobs_pushed, d.jobs_done, d.exchanges, d.stream_calls, d.pieces_relayed);
     daemon_free(&d);
     return d.exit_code;
 }

@@ -504,10 +504,67 @@ def test_unenrolled_role_exits_with_clear_error(db, procs):
         db.sql("DROP ROLE IF EXISTS pgd_stranger")
 
 
+def test_a_job_for_an_idle_daemon_is_pushed_to_it_and_run_without_a_lease_call(db, procs):
+    """With the model's queue empty and a free slot, the submit stores the job leased to
+    the node and hands it over on the node's channel (migration 015): the daemon starts
+    it from the notification, and its only statement for the job is the exchange that
+    settles it."""
+    fake = Fake(procs)
+    proc = daemon(procs, db.enroll("n1"), fake, "--models", "demo", "--max-concurrency", "2", name="n1")
+    wait_live(db, "n1")
+    wait_for(lambda: db.one("SELECT push_pid IS NOT NULL FROM dispatch.nodes WHERE name = 'n1'"), 5,
+             what="n1 accepts pushed jobs")
+    listener = db.connect()
+    notes = []
+    listener.add_notify_handler(notes.append)
+    listener.execute("LISTEN %s" % db.one("SELECT dispatch.node_channel(id) FROM dispatch.nodes WHERE name = 'n1'"))
+    db.sql("SELECT pg_stat_statements_reset()")
+    payload = dict(CHAT, user="pushed-%d" % time.monotonic_ns())
+    ids = submit(db, 1, payload=payload, timeout_ms=30000)
+    wait_for(lambda: all_in(db, ids), 5, what="pushed job done")
+    [j] = jobs(db, ids)
+    assert (j["attempt"], j["leased_by"], j["result"]["object"]) == (1, node_id(db, "n1"), "chat.completion")
+    listener.execute("SELECT 1")    # reads what arrived meanwhile
+    [note] = notes
+    stored = db.one("SELECT payload::text FROM dispatch.jobs WHERE id = %s", (ids[0],))
+    assert note.payload == "P%d:1:2000:30000:/v1/chat/completions:4:demo%s" % (ids[0], stored)
+    calls = dict(db.sql("SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls FROM pg_stat_statements s "
+                        "JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'dispatch_node_n1' AND s.toplevel"))
+    assert [q for q in calls if "dispatch.exchange" in q] and sum(
+        c for q, c in calls.items() if "dispatch.exchange" in q) == 1, calls
+    assert fake.stats()["markers"][payload["user"]] == 1
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(8) == 0
+    assert "jobs_pushed=1" in proc.output()
+
+
+def test_a_pushed_job_that_outlives_its_first_lease_is_renewed_not_retried(db, procs):
+    """A push leases for push_lease_seconds only (so a stuck node's pushes come back
+    soon); a daemon that runs the job renews it like any lease."""
+    db.sql("SELECT dispatch.set_setting('push_lease_seconds', 1)")
+    fake = Fake(procs, latency_ms=2500)
+    daemon(procs, db.enroll("n1"), fake, "--models", "demo", "--max-concurrency", "2", name="n1")
+    wait_live(db, "n1")
+    wait_for(lambda: db.one("SELECT push_pid IS NOT NULL FROM dispatch.nodes WHERE name = 'n1'"), 5,
+             what="n1 accepts pushed jobs")
+    ids = submit(db, 1)
+    assert states(db, ids) == ["leased"]
+    assert db.one("SELECT lease_expires_at - now() <= interval '1 second' FROM dispatch.jobs WHERE id = %s",
+                  (ids[0],))
+    wait_for(lambda: db.one("SELECT lease_expires_at - now() > interval '30 seconds' FROM dispatch.jobs "
+                            "WHERE id = %s", (ids[0],)), 2, what="the first lease renewed to lease_seconds")
+    wait_for(lambda: all_in(db, ids), 6, what="the job done")
+    [j] = jobs(db, ids)
+    assert j["attempt"] == 1
+    assert fake.stats()["markers"][j["marker"]] == 1
+
+
 def test_a_wake_aimed_at_a_frozen_node_is_covered_by_the_others(db, procs):
-    """A submit wakes the node with the most free slots. If that node cannot answer
-    (here: stopped, its session still open, so it still counts as live), the other
-    nodes heard the same notification and look a second later themselves."""
+    """A submit wakes the node with the most free slots, or pushes the job to it. If
+    that node cannot answer (here: stopped, its session still open, so it still counts
+    as live), the other nodes heard the model's wake and look a second later
+    themselves; a pushed job's first lease (push_lease_seconds, 2) runs out soon after,
+    and they take it back."""
     fake = Fake(procs)
     frozen = daemon(procs, db.enroll("frozen"), fake, "--models", "demo", "--max-concurrency", "8", name="frozen")
     other = daemon(procs, db.enroll("other"), fake, "--models", "demo", "--max-concurrency", "2", name="other")

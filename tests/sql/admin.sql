@@ -196,7 +196,7 @@ SELECT results_eq(format($$SELECT state, attempt, error->>'code' FROM dispatch.j
 ------------------------------------------------------------------------------
 SELECT results_eq($$SELECT key FROM dispatch.settings()$$,
     $$VALUES ('default_max_attempts'), ('default_slots_per_node'), ('fallback_capacity'), ('lease_seconds'),
-             ('prune_batch'), ('queue_depth_per_slot'), ('retention_seconds'), ('retry_base_ms'), ('retry_cap_ms'),
+             ('prune_batch'), ('push_jobs'), ('push_lease_seconds'), ('queue_depth_per_slot'), ('retention_seconds'), ('retry_base_ms'), ('retry_cap_ms'),
              ('retry_factor'), ('stale_seconds')$$,
     'settings(): every knob, by key');
 SELECT is((SELECT ROW(value, min_value, max_value)::text FROM dispatch.settings() WHERE key = 'lease_seconds'),

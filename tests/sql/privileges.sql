@@ -24,7 +24,7 @@ SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_gatew
              ('nodes'), ('results'), ('schema_version'), ('submit'), ('submit_many')$$,
     'the gateway role executes exactly the gateway functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_daemon' ORDER BY 1$$,
-    $$VALUES ('complete'), ('deregister'), ('exchange'), ('extend'), ('fail'), ('lease'), ('model_channel'),
+    $$VALUES ('accept_pushes'), ('complete'), ('deregister'), ('exchange'), ('extend'), ('fail'), ('lease'), ('model_channel'),
              ('next_wake'), ('node_channel'), ('register'), ('report'), ('set_lease_ahead'), ('stream')$$,
     'the daemon role executes exactly the daemon functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_admin' ORDER BY 1$$,

@@ -308,6 +308,67 @@ static void test_wake_names(void **state)
     assert_true(lease_wake_names("99999999999999999999", 7));
 }
 
+/* Parses a copy of text (the parser writes into it); the copy is returned for the
+ * pointers of row to stay valid. */
+static char *push_parse(const char *text, lease_row_t *row, char *model, size_t cap, bool *ok)
+{
+    char *copy = strdup(text);
+    assert_non_null(copy);
+    *ok = lease_push_parse(copy, row, model, cap);
+    return copy;
+}
+
+static void test_push_parse(void **state)
+{
+    lease_row_t row;
+    char model[LEASE_MODEL_MAX + 1];
+    bool ok;
+    char *t;
+
+    (void)state;
+    t = push_parse("P42:1:60000::/v1/chat/completions:5:llama{\"a\":\"x:y\"}", &row, model, sizeof model, &ok);
+    assert_true(ok);
+    assert_int_equal(row.kind, LEASE_ROW_JOB);
+    assert_int_equal(row.id, 42);
+    assert_int_equal(row.attempt, 1);
+    assert_true(row.has_lease);
+    assert_int_equal(row.lease_in_ms, 60000);
+    assert_false(row.has_deadline);
+    assert_string_equal(row.endpoint, "/v1/chat/completions");
+    assert_string_equal(row.model, "llama");
+    assert_int_equal(row.payload_len, strlen("{\"a\":\"x:y\"}"));
+    assert_memory_equal(row.payload, "{\"a\":\"x:y\"}", row.payload_len);
+    free(t);
+
+    /* A deadline; a model with ':' and multi-byte characters (its length is in bytes). */
+    t = push_parse("P7:2:1000:250:/v1/completions:6:a:\xc3\xa9:b{}", &row, model, sizeof model, &ok);
+    assert_true(ok);
+    assert_true(row.has_deadline);
+    assert_int_equal(row.deadline_in_ms, 250);
+    assert_int_equal(row.attempt, 2);
+    assert_string_equal(row.model, "a:\xc3\xa9:b");
+    assert_int_equal(row.payload_len, 2);
+    free(t);
+
+    /* What is not a pushed job: a cancel (a bare id), missing or bad fields, a model
+     * longer than the buffer or than what follows it. */
+    const char *bad[] = {
+        "42", "", "P", "P42:1:60000::/v1/x:5", "Px:1:60000::/v1/x:1:m{}", "P0:1:60000::/v1/x:1:m{}",
+        "P42:0:60000::/v1/x:1:m{}", "P42:1:x::/v1/x:1:m{}", "P42:1:60000:soon:/v1/x:1:m{}",
+        "P42:1:60000::v1/x:1:m{}", "P42:1:60000::/v1/x:0:m{}", "P42:1:60000::/v1/x:3:m{}",
+        "P42:1:60000::/v1/x:-1:m{}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        t = push_parse(bad[i], &row, model, sizeof model, &ok);
+        if (ok)
+            fail_msg("accepted as a pushed job: \"%s\"", bad[i]);
+        free(t);
+    }
+    t = push_parse("P42:1:60000::/v1/x:4:mode{}", &row, model, 4, &ok);
+    assert_false(ok);                                 /* model buffer too small */
+    free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -319,6 +380,7 @@ int main(void)
         cmocka_unit_test(test_refused_outcome_is_rewritten_once_then_dropped),
         cmocka_unit_test(test_text_array_and_split),
         cmocka_unit_test(test_wake_names),
+        cmocka_unit_test(test_push_parse),
         cmocka_unit_test(test_row_parse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
