@@ -1720,6 +1720,9 @@ def write_report(data):
               % "{:,}".format(ipc["exchange_light"]))
             a("| same: the gateway's `dispatch.submit_many` of one request, per call | %s |"
               % "{:,}".format(ipc["submit_one"]))
+            if "submit_push" in ipc:
+                a("| same, handed to an idle node that takes pushed jobs (no lease call follows) | %s |"
+                  % "{:,}".format(ipc["submit_push"]))
             if "submit_16" in ipc:
                 a("| same: `dispatch.submit_many` of 16 requests for one model, per call | %s |"
                   % "{:,}".format(ipc["submit_16"]))

@@ -13,6 +13,7 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   exchange_light   under light load: a call that leases one job (nothing else
                    queued), then the call that settles it (a reply channel waits)
   submit_one       the gateway's submit_many of one request (to an empty queue)
+  submit_push      the same, handed to an idle node that takes pushed jobs (015)
   submit_16        the same with 16 requests, as the gateway batches them under load
   results_one      the gateway's read of one job (dispatch.results)
 
@@ -68,7 +69,7 @@ def exchange_light(node, admin, calls):
         node.commit()
 
 
-def submit(gateway, admin, calls, requests):
+def submit(gateway, admin, calls, requests, state="queued"):
     body = json.dumps([REQUEST] * requests)
     for _ in range(calls):
         rows = gateway.execute("SELECT id, sqlstate FROM dispatch.submit_many(%s, 'gw_reply')", (body,)).fetchall()
@@ -77,11 +78,18 @@ def submit(gateway, admin, calls, requests):
             raise SystemExit("sqlcost: submit_many refused a request: %s" % (rows,))
         # The queue stays empty, as in B2 and B4: a submit counts the model's queued
         # jobs (up to its queue limit) to know whether there is room.
-        admin.execute("DELETE FROM dispatch.jobs WHERE id = ANY (%s)", ([r[0] for r in rows],))
+        stored = admin.execute("DELETE FROM dispatch.jobs WHERE id = ANY (%s) RETURNING state",
+                               ([r[0] for r in rows],)).fetchall()
+        if stored != [(state,)] * requests:
+            raise SystemExit("sqlcost: submitted jobs were stored %s, expected %s" % (stored, state))
 
 
 def submit_one(gateway, admin, calls):
     submit(gateway, admin, calls, 1)
+
+
+def submit_push(gateway, admin, calls):
+    submit(gateway, admin, calls, 1, state="leased")
 
 
 def submit_16(gateway, admin, calls):
@@ -97,13 +105,15 @@ def results_one(gateway, admin, calls):
             raise SystemExit("sqlcost: dispatch.results returned %d rows for one id" % len(rows))
 
 
-# name -> (function, role of the measured session, whether that session is the node)
+# name -> (function, role of the measured session, whether that session is the node,
+#          whether the helper node takes pushed jobs)
 SHAPES = {
-    "exchange_10x10": (exchange_10x10, "dispatch_node_probe", True),
-    "exchange_light": (exchange_light, "dispatch_node_light", True),
-    "submit_one": (submit_one, "sqlcost_gateway", False),
-    "submit_16": (submit_16, "sqlcost_gateway", False),
-    "results_one": (results_one, "sqlcost_gateway", False),
+    "exchange_10x10": (exchange_10x10, "dispatch_node_probe", True, False),
+    "exchange_light": (exchange_light, "dispatch_node_light", True, False),
+    "submit_one": (submit_one, "sqlcost_gateway", False, False),
+    "submit_push": (submit_push, "sqlcost_gateway", False, True),
+    "submit_16": (submit_16, "sqlcost_gateway", False, False),
+    "results_one": (results_one, "sqlcost_gateway", False, False),
 }
 NODE_MODELS = {"dispatch_node_probe": ["probe"], "dispatch_node_light": ["light"]}
 
@@ -168,7 +178,7 @@ def register(conn, role):
 def session_instructions(cg, cluster, shape, calls):
     """Instructions of one measured session running `calls` calls of `shape`. A submit
     needs a live node serving its model: a second, unmeasured session is that node."""
-    fn, role, is_node = SHAPES[shape]
+    fn, role, is_node, pushes = SHAPES[shape]
     with psycopg.connect(cluster.dsn("bench")) as admin, \
             psycopg.connect(cluster.dsn("bench", user=role)) as s, \
             (contextlib.nullcontext() if is_node
@@ -180,6 +190,8 @@ def session_instructions(cg, cluster, shape, calls):
             register(s, role)
         else:
             register(helper, "dispatch_node_light")
+            helper.execute("SELECT dispatch.accept_pushes(%s)", (pushes,))
+            helper.commit()
         pid = s.execute("SELECT pg_backend_pid()").fetchone()[0]
         s.commit()  # a transaction left open would keep an older now() than the jobs' run_at
         fn(s, admin, calls)

@@ -1,7 +1,8 @@
 /* lease: what the daemon says to the control plane and how it reads the answers:
  * the outbox of finished attempts (JSON built here, settled by dispatch.exchange),
  * the same structure holding streamed chunks for dispatch.stream, the statement
- * texts, and parsing of exchange rows. Owns the outbox memory only. */
+ * texts, and parsing of exchange rows and of jobs pushed on the node's channel. Owns
+ * the outbox memory only. */
 #include "lease.h"
 
 #include <errno.h>

@@ -127,6 +127,9 @@ DECLARE
     v_free bigint;
     v_node_ids integer[];
     v_node_slots integer[];
+    v_push_ids integer[];              -- nodes a push may go to (NULL: no push)
+    v_push_slots integer[];
+    v_push_pids integer[];
     v_push_node integer;
     v_lease interval;
     v_ids bigint[];
@@ -149,17 +152,21 @@ BEGIN
     -- idempotency keys, for a model with capacity. One statement checks the elements
     -- (one parse each) and reads the settings, the model's serving nodes, its capacity
     -- (dispatch.model_capacity's rule, for this model alone), the free queue, and the
-    -- node to push the batch to, if any.
+    -- nodes the batch could be pushed to: only past an empty queue (nothing waits that
+    -- the batch would overtake), and only when each element fits a notification.
     IF v_model IS NOT NULL THEN
         SELECT chk.ok, st.default_attempts, st.depth, cap.capacity, lim.queue_limit,
-               lim.queue_limit - q.queued, sn.ids, sn.slots, push.node_id, st.lease
+               lim.queue_limit - q.queued, sn.ids, sn.slots, st.lease,
+               CASE WHEN st.push AND chk.ok AND chk.largest <= 7500 AND q.queued = 0
+                         AND lim.queue_limit >= v_count THEN sn.push_ids END,
+               sn.push_slots, sn.push_pids
         INTO v_short, v_attempts, v_depth, v_capacity, v_limit, v_free, v_node_ids, v_node_slots,
-             v_push_node, v_lease
+             v_lease, v_push_ids, v_push_slots, v_push_pids
         FROM (SELECT bool_and(dispatch._request_problem(e.r) IS NULL AND e.r->>'model' = v_model
                               AND e.r->>'idempotency_key' IS NULL) AS ok,
-                     -- The largest notification a push would send, less its fixed part.
-                     max(octet_length((e.r->'payload')::text) + octet_length(e.r->>'model')
-                         + coalesce(octet_length(e.r->>'endpoint'), 0)) AS largest
+                     -- A push's notification holds an element's model, endpoint and
+                     -- payload: the element's length bounds it (without parsing it again).
+                     max(octet_length(e.r::text)) AS largest
               FROM json_array_elements(p_requests) AS e(r)) chk
         CROSS JOIN (SELECT max(s.value) FILTER (WHERE s.key = 'default_max_attempts')::integer AS default_attempts,
                            max(s.value) FILTER (WHERE s.key = 'queue_depth_per_slot') AS depth,
@@ -190,21 +197,22 @@ BEGIN
         CROSS JOIN LATERAL (SELECT floor(coalesce(cap.capacity, 0) * st.depth)::bigint AS queue_limit) lim
         CROSS JOIN LATERAL (SELECT count(*) AS queued FROM (SELECT 1 FROM dispatch.jobs j
                                                          WHERE chk.ok AND j.state = 'queued' AND j.model = v_model
-                                                         LIMIT lim.queue_limit) l) q
-        -- Push only past an empty queue (nothing waits that the batch would overtake),
-        -- to the node with the most free slots that has room for the whole batch. The
-        -- push lock comes before the second liveness check (see the head of 015).
-        LEFT JOIN LATERAL (
-            SELECT c.id AS node_id
-            FROM unnest(sn.push_ids, sn.push_slots, sn.push_pids) AS c(id, slots, pid)
-            CROSS JOIN LATERAL (SELECT c.slots - count(*) AS free FROM dispatch.jobs j
-                                WHERE j.state = 'leased' AND j.leased_by = c.id) f
-            WHERE st.push AND chk.ok AND chk.largest <= 6000 AND q.queued = 0 AND lim.queue_limit >= v_count
-              AND f.free >= v_count
-              AND CASE WHEN pg_try_advisory_xact_lock_shared(dispatch._push_lock_class(), c.id)
-                       THEN dispatch._node_live(c.id, c.pid) ELSE false END
-            ORDER BY f.free DESC, random()
-            LIMIT 1) push ON true;
+                                                         LIMIT lim.queue_limit) l) q;
+    END IF;
+
+    -- A statement of its own, run only when a push may happen: the node with the most
+    -- free slots that has room for the whole batch. The push lock comes before the
+    -- second liveness check (see the head of 015).
+    IF v_push_ids IS NOT NULL AND v_capacity > 0 THEN
+        SELECT c.id INTO v_push_node
+        FROM unnest(v_push_ids, v_push_slots, v_push_pids) AS c(id, slots, pid)
+        CROSS JOIN LATERAL (SELECT c.slots - count(*) AS free FROM dispatch.jobs j
+                            WHERE j.state = 'leased' AND j.leased_by = c.id) f
+        WHERE f.free >= v_count
+          AND CASE WHEN pg_try_advisory_xact_lock_shared(dispatch._push_lock_class(), c.id)
+                   THEN dispatch._node_live(c.id, c.pid) ELSE false END
+        ORDER BY f.free DESC, random()
+        LIMIT 1;
     END IF;
 
     IF NOT coalesce(v_short, false) OR coalesce(v_capacity, 0) <= 0 THEN

@@ -88,10 +88,10 @@ SELECT is(pg_temp.states(pg_temp.submit(pg_temp.one_job())), 'queued',
     'a delayed retry for the model: the new job is queued');
 SELECT pg_temp.settle_all();
 
-SELECT is(pg_temp.states(pg_temp.submit(pg_temp.one_job('m1', 5900))), 'leased',
+SELECT is(pg_temp.states(pg_temp.submit(pg_temp.one_job('m1', 7400))), 'leased',
     'a payload that fits a notification is pushed');
 SELECT pg_temp.settle_all();
-SELECT is(pg_temp.states(pg_temp.submit(pg_temp.one_job('m1', 7000))), 'queued',
+SELECT is(pg_temp.states(pg_temp.submit(pg_temp.one_job('m1', 7500))), 'queued',
     'a payload too large for a notification is queued');
 SELECT pg_temp.settle_all();
 
