@@ -220,54 +220,64 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The first v_free elements, in order. Pushed: one NOTIFY per job on the node's
-    -- channel, and the model's wake names node 0 (the others look a second later, in
-    -- case the node does not answer). Otherwise one NOTIFY wakes the model's nodes: it
-    -- names as many as jobs came, those with the most free slots first; when that is
-    -- all of them (or none serves) its payload is empty, which wakes every listener.
-    WITH ins AS (
-        INSERT INTO dispatch.jobs (model, endpoint, payload, priority, max_attempts, deadline,
-                                   reply_channel, stream_token, state, attempt, leased_by, lease_expires_at,
-                                   started_at)
-        SELECT v_model, coalesce(e.endpoint #>> '{}', '/v1/chat/completions'), e.payload,
-               coalesce(e.priority::text::integer, 0), coalesce(e.max_attempts::text::integer, v_attempts),
-               now() + make_interval(secs => e.timeout_ms::text::bigint / 1000.0), p_reply_channel,
-               e.stream_token #>> '{}',
-               CASE WHEN v_push_node IS NULL THEN 'queued' ELSE 'leased' END,
-               CASE WHEN v_push_node IS NULL THEN 0 ELSE 1 END,
-               v_push_node,
-               CASE WHEN v_push_node IS NOT NULL THEN now() + v_lease END,
-               CASE WHEN v_push_node IS NOT NULL THEN now() END
-        FROM json_populate_recordset(NULL::dispatch.request_fields, p_requests) WITH ORDINALITY AS e
-        WHERE e.ordinality <= v_free
-        ORDER BY e.ordinality
-        RETURNING dispatch.jobs.id, dispatch.jobs.endpoint, dispatch.jobs.payload, dispatch.jobs.deadline,
-                  dispatch.jobs.lease_expires_at
-    ),
-    pushed AS MATERIALIZED (
-        SELECT count(pg_notify(dispatch.node_channel(v_push_node),
-                               format('P%s:1:%s:%s:%s:%s:%s%s', i.id,
-                                      round(extract(epoch FROM i.lease_expires_at - now()) * 1000),
-                                      round(extract(epoch FROM i.deadline - now()) * 1000),
-                                      i.endpoint, octet_length(v_model), v_model, i.payload::text))) AS n
-        FROM ins i
-        WHERE v_push_node IS NOT NULL
-    ),
-    woken AS MATERIALIZED (
-        SELECT count(pg_notify(dispatch.model_channel(v_model),
-                               CASE WHEN v_push_node IS NOT NULL THEN '0'
-                                    WHEN m.k >= coalesce(cardinality(v_node_ids), 0) THEN ''
-                                    ELSE (SELECT string_agg(c.id::text, ',')
-                                          FROM (SELECT t.id
-                                                FROM unnest(v_node_ids, v_node_slots) AS t(id, slots)
-                                                ORDER BY (SELECT count(*) FROM dispatch.jobs j
-                                                          WHERE j.state = 'leased' AND j.leased_by = t.id) - t.slots,
-                                                         random()
-                                                LIMIT m.k) c) END)) AS n
-        FROM (SELECT count(*) AS k FROM ins) m
-        WHERE m.k > 0
-    )
-    SELECT array_agg(i.id ORDER BY i.id) INTO v_ids FROM ins i CROSS JOIN pushed CROSS JOIN woken;
+    -- The first v_free elements, in order. Queued: one NOTIFY wakes the model's nodes:
+    -- it names as many as jobs came, those with the most free slots first; when that
+    -- is all of them (or none serves) its payload is empty, which wakes every listener.
+    -- Pushed: one NOTIFY per job on the node's channel, and the model's wake names
+    -- node 0 (the others look a second later, in case the node does not answer).
+    -- Two statements, not one with both branches: starting the unused branch cost
+    -- every submit 0.06-0.11 million instructions (bench/sqlcost.py).
+    IF v_push_node IS NULL THEN
+        WITH ins AS (
+            INSERT INTO dispatch.jobs (model, endpoint, payload, priority, max_attempts, deadline,
+                                       reply_channel, stream_token)
+            SELECT v_model, coalesce(e.endpoint #>> '{}', '/v1/chat/completions'), e.payload,
+                   coalesce(e.priority::text::integer, 0), coalesce(e.max_attempts::text::integer, v_attempts),
+                   now() + make_interval(secs => e.timeout_ms::text::bigint / 1000.0), p_reply_channel,
+                   e.stream_token #>> '{}'
+            FROM json_populate_recordset(NULL::dispatch.request_fields, p_requests) WITH ORDINALITY AS e
+            WHERE e.ordinality <= v_free
+            ORDER BY e.ordinality
+            RETURNING dispatch.jobs.id
+        ),
+        woken AS MATERIALIZED (
+            SELECT count(pg_notify(dispatch.model_channel(v_model),
+                                   CASE WHEN m.k >= coalesce(cardinality(v_node_ids), 0) THEN ''
+                                        ELSE (SELECT string_agg(c.id::text, ',')
+                                              FROM (SELECT t.id
+                                                    FROM unnest(v_node_ids, v_node_slots) AS t(id, slots)
+                                                    ORDER BY (SELECT count(*) FROM dispatch.jobs j
+                                                              WHERE j.state = 'leased' AND j.leased_by = t.id) - t.slots,
+                                                             random()
+                                                    LIMIT m.k) c) END)) AS n
+            FROM (SELECT count(*) AS k FROM ins) m
+            WHERE m.k > 0
+        )
+        SELECT array_agg(i.id ORDER BY i.id) INTO v_ids FROM ins i CROSS JOIN woken;
+    ELSE
+        WITH ins AS (
+            INSERT INTO dispatch.jobs (model, endpoint, payload, priority, max_attempts, deadline,
+                                       reply_channel, stream_token, state, attempt, leased_by, lease_expires_at,
+                                       started_at)
+            SELECT v_model, coalesce(e.endpoint #>> '{}', '/v1/chat/completions'), e.payload,
+                   coalesce(e.priority::text::integer, 0), coalesce(e.max_attempts::text::integer, v_attempts),
+                   now() + make_interval(secs => e.timeout_ms::text::bigint / 1000.0), p_reply_channel,
+                   e.stream_token #>> '{}', 'leased', 1, v_push_node, now() + v_lease, now()
+            FROM json_populate_recordset(NULL::dispatch.request_fields, p_requests) WITH ORDINALITY AS e
+            WHERE e.ordinality <= v_free
+            ORDER BY e.ordinality
+            RETURNING dispatch.jobs.id, dispatch.jobs.endpoint, dispatch.jobs.payload, dispatch.jobs.deadline
+        ),
+        pushed AS MATERIALIZED (
+            SELECT count(pg_notify(dispatch.node_channel(v_push_node),
+                                   format('P%s:1:%s:%s:%s:%s:%s%s', i.id, round(extract(epoch FROM v_lease) * 1000),
+                                          round(extract(epoch FROM i.deadline - now()) * 1000),
+                                          i.endpoint, octet_length(v_model), v_model, i.payload::text))) AS n,
+                   pg_notify(dispatch.model_channel(v_model), '0') AS standby
+            FROM ins i
+        )
+        SELECT array_agg(i.id ORDER BY i.id) INTO v_ids FROM ins i CROSS JOIN pushed;
+    END IF;
 
     -- Identity values are drawn in the order rows are inserted: the ids ascend with idx.
     FOR i IN 1 .. v_count LOOP
