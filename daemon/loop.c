@@ -1206,13 +1206,16 @@ static void on_push(daemon_t *d, char *text)
 
 static void on_notify(daemon_t *d, const PGnotify *n)
 {
-    if (strcmp(n->relname, d->node_channel) == 0 && n->extra[0] == 'P') {
-        on_push(d, n->extra);
-        return;
-    }
     if (strcmp(n->relname, d->node_channel) == 0) {
-        int64_t id = strtoll(n->extra, NULL, 10);
-        job_t *j = provider_find_job(d->prov, id);
+        int64_t id;
+        job_t *j;
+
+        if (n->extra[0] == 'P') {
+            on_push(d, n->extra);
+            return;
+        }
+        id = strtoll(n->extra, NULL, 10);
+        j = provider_find_job(d->prov, id);
 
         /* A cancelled stream's waiting pieces are no use to anyone: drop them now. */
         if (j != NULL && j->relayed > 0)

@@ -200,10 +200,15 @@ BEGIN
                                                          LIMIT lim.queue_limit) l) q;
     END IF;
 
+    IF NOT coalesce(v_short, false) OR coalesce(v_capacity, 0) <= 0 THEN
+        RETURN QUERY SELECT * FROM dispatch._submit_many_general(p_requests, p_reply_channel);
+        RETURN;
+    END IF;
+
     -- A statement of its own, run only when a push may happen: the node with the most
     -- free slots that has room for the whole batch. The push lock comes before the
     -- second liveness check (see the head of 015).
-    IF v_push_ids IS NOT NULL AND v_capacity > 0 THEN
+    IF v_push_ids IS NOT NULL THEN
         SELECT c.id INTO v_push_node
         FROM unnest(v_push_ids, v_push_slots, v_push_pids) AS c(id, slots, pid)
         CROSS JOIN LATERAL (SELECT c.slots - count(*) AS free FROM dispatch.jobs j
@@ -213,11 +218,6 @@ BEGIN
                    THEN dispatch._node_live(c.id, c.pid) ELSE false END
         ORDER BY f.free DESC, random()
         LIMIT 1;
-    END IF;
-
-    IF NOT coalesce(v_short, false) OR coalesce(v_capacity, 0) <= 0 THEN
-        RETURN QUERY SELECT * FROM dispatch._submit_many_general(p_requests, p_reply_channel);
-        RETURN;
     END IF;
 
     -- The first v_free elements, in order. Queued: one NOTIFY wakes the model's nodes:
