@@ -62,6 +62,10 @@ struct call {
     bool solo;                 /* submit alone (its batch failed as a whole once) */
     bool answer_now;           /* get: answer with the current state, stop waiting */
     bool waiting;              /* in the waiter table */
+    int64_t created_us;        /* submit stored without waiting for the disk: its job's
+                                * created_at in µs since the epoch, so that a job found
+                                * under the same id after a crash is known not to be its
+                                * own; 0: stored durably */
 
     /* Output, written by the dispatcher before resume. */
     gw_reply_t reply;

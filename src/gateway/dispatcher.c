@@ -64,6 +64,7 @@ typedef struct {
     idvec_t ids;
     const char *reason;      /* OP_CANCELS */
     bool async_channel;      /* OP_SUBMIT: the batch went to the jobs channel */
+    bool no_flush;           /* OP_SUBMIT: committed without waiting for the disk */
     bool flushing;           /* output still queued in libpq: wait for POLLOUT */
     PGresult *res;           /* the op's first result; later ones are dropped */
 } worker_t;
@@ -152,11 +153,21 @@ struct dispatcher {
 
 static const char SQL_SUBMIT[] =
     "SELECT idx, id, sqlstate, message FROM dispatch.submit_many($1::json, $2)";
+/* The same for requests whose clients wait for the answer: the commit does not wait
+ * for the disk (nothing was promised yet; the commit that settles the job flushes the
+ * log this one is in), so it neither holds the database-wide notify lock through a
+ * flush nor makes every stream piece behind it wait (bench B9). The transaction time
+ * is the jobs' created_at: the job's identity if a crash loses it and its id comes
+ * round again. */
+static const char SQL_SUBMIT_NO_FLUSH[] =
+    "SELECT idx, id, sqlstate, message, (extract(epoch FROM now()) * 1000000)::bigint "
+    "FROM dispatch.submit_many($1::json, $2), set_config('synchronous_commit', 'off', true)";
 static const char SQL_RESULTS[] =
     "SELECT id, state, attempt, result, error, model, "
     "floor(extract(epoch FROM created_at))::bigint, floor(extract(epoch FROM started_at))::bigint, "
     "floor(extract(epoch FROM finished_at))::bigint, "
-    "extract(epoch FROM started_at - created_at)::float8, extract(epoch FROM finished_at - created_at)::float8 "
+    "extract(epoch FROM started_at - created_at)::float8, extract(epoch FROM finished_at - created_at)::float8, "
+    "(extract(epoch FROM created_at) * 1000000)::bigint "
     "FROM dispatch.results($1::bigint[])";
 static const char SQL_CANCELS[] =
     "SELECT count(*) FROM (SELECT dispatch.cancel(id, $2) FROM unnest($1::bigint[]) AS id) c";
@@ -685,6 +696,7 @@ static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
     size_t n = batch_take_count(q->head, BATCH_MAX_ITEMS, BATCH_MAX_BYTES);
     buf_t b = BUF_INIT;
     const char *values[2];
+    bool durable = async || d->opt.durable_submits;
 
     worker_reset(w);
     w->op = OP_SUBMIT;
@@ -693,6 +705,8 @@ static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
     for (size_t i = 0; i < n; i++) {
         call_t *c = queue_pop(q);
 
+        /* A key promises that the job can be found again, even after a crash. */
+        durable = durable || c->keyed;
         if (!worker_add_call(w, c)) {
             dispatcher_answer_error(d, c, 500, "internal_error", "out of memory");
             b.oom = true;
@@ -702,10 +716,12 @@ static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
         return;
     values[0] = b.data;
     values[1] = async ? DISPATCHER_JOBS_CHANNEL : d->channel;
+    w->no_flush = !durable;
     d->submits_in_flight++;
     d->last_submit_async = async;
-    log_debug("submit_sent", "batch=%zu bytes=%zu channel=%s", w->ncalls, b.len, values[1]);
-    worker_send(d, w, SQL_SUBMIT, 2, values);
+    log_debug("submit_sent", "batch=%zu bytes=%zu channel=%s durable=%s", w->ncalls, b.len, values[1],
+              durable ? "true" : "false");
+    worker_send(d, w, durable ? SQL_SUBMIT : SQL_SUBMIT_NO_FLUSH, 2, values);
     buf_free(&b);
 }
 
@@ -1038,6 +1054,7 @@ static call_t *dispatcher_stream_begin(dispatcher_t *d, call_t *c, const buf_t *
     sh->kind = CALL_STREAM;
     sh->stream = st;
     sh->job_id = c->job_id;
+    sh->created_us = c->created_us;
     sh->timeout_ms = c->timeout_ms;
     sh->deadline_ms = c->deadline_ms;
     sh->client_fd = c->client_fd;
@@ -1295,6 +1312,8 @@ static void dispatcher_finish_submit(dispatcher_t *d, worker_t *w, PGresult *res
             continue;
         }
         c->job_id = parse_i64(row_value(res, r, 1));
+        if (w->no_flush)
+            c->created_us = parse_i64(row_value(res, r, 4));
         if (c->kind == CALL_JOB_CREATE) {
             buf_t b = BUF_INIT;
 
@@ -1355,6 +1374,26 @@ static double parse_seconds_or(const PGresult *res, int row, int col)
     return v ? strtod(v, NULL) : -1.0;
 }
 
+/* A waiting request's job is not in the database, or its id names another job: a
+ * crash of PostgreSQL lost a submit that had not reached the disk (and the id may
+ * have come round again). There is nothing to answer from and nothing to cancel. */
+static void dispatcher_job_gone(dispatcher_t *d, call_t *c)
+{
+    static const char fmt[] = "job %lld is no longer in the database: PostgreSQL restarted before this request "
+                              "reached its disk; it may have started on a node; send the request again";
+
+    log_warn("job_gone", "job=%lld next=\"answering 503: the client may send it again\"", (long long)c->job_id);
+    if (c->kind == CALL_STREAM) {
+        dispatcher_stream_fail(d, c, NULL, "server_error", "database_unavailable", fmt, (long long)c->job_id);
+        return;
+    }
+    dispatcher_remove_waiter(d, c);
+    c->job_final = true;
+    errors_reply(&c->reply, 503, "database_unavailable", fmt, (long long)c->job_id);
+    c->reply.retry_after_s = 1;
+    dispatcher_answer(d, c);
+}
+
 static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *res, bool lost)
 {
     char q[1100];
@@ -1381,13 +1420,18 @@ static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *re
     for (int r = 0; r < PQntuples(res); r++) {
         int64_t id = parse_i64(PQgetvalue(res, r, 0));
         const char *state = PQgetvalue(res, r, 1);
-        bool counted = false;
+        int64_t created_us = parse_i64(PQgetvalue(res, r, 11));
+        bool final = errors_state_is_final(state), counted = false;
         call_t *c, *next;
 
-        if (!errors_state_is_final(state))
-            continue;
         for (c = waiters_find(&d->waiters, id); c; c = next) {
             next = waiters_find_next(c);
+            if (c->created_us != 0 && c->created_us != created_us) {
+                dispatcher_job_gone(d, c);
+                continue;
+            }
+            if (!final)
+                continue;
             if (c->kind == CALL_STREAM) {
                 dispatcher_stream_outcome(d, c, id, state, row_value(res, r, 3), row_value(res, r, 4));
                 if (!counted)
@@ -1409,6 +1453,19 @@ static void dispatcher_finish_results(dispatcher_t *d, worker_t *w, PGresult *re
                 dispatcher_reply_job(c, res, r);
             }
             dispatcher_answer(d, c);
+        }
+    }
+
+    /* Asked about, not there: a waiting request's job is gone. */
+    for (size_t i = 0; i < w->ids.n; i++) {
+        call_t *c, *next;
+
+        if (dispatcher_find_row(res, w->ids.v[i]) >= 0)
+            continue;
+        for (c = waiters_find(&d->waiters, w->ids.v[i]); c; c = next) {
+            next = waiters_find_next(c);
+            if (c->kind == CALL_SUBMIT || c->kind == CALL_STREAM)
+                dispatcher_job_gone(d, c);
         }
     }
 

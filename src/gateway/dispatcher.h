@@ -23,6 +23,7 @@ typedef struct {
     bool require_api_key;      /* calls carrying api_key are checked first */
     int64_t key_cache_ms;      /* how long a key found valid is trusted */
     int schema_version;        /* /readyz needs dispatch.schema_version() >= this */
+    bool durable_submits;      /* every submit waits for the disk, also a waiting request's */
 } dispatcher_options_t;
 
 /* A dispatcher with a fresh, unique reply channel; the thread is not running yet.

@@ -27,6 +27,7 @@ static struct {
     long request_timeout_s;
     bool require_api_key;
     long api_key_cache_s;
+    bool durable_submits;
     long grace_ms;
     long threads;
     long max_connections;
@@ -49,6 +50,10 @@ static const config_option_t options[] = {
      "require Authorization: Bearer <key>, checked with dispatch.check_api_key (health and metrics stay open)"},
     {"api-key-cache-s", "PGDISPATCH_API_KEY_CACHE_S", CONFIG_INT, &cfg.api_key_cache_s, "10", 0, 3600,
      "how long a key found valid is trusted without asking the database again"},
+    {"durable-submits", "PGDISPATCH_DURABLE_SUBMITS", CONFIG_BOOL, &cfg.durable_submits, "false", 0, 0,
+     "store every request's job on disk before the provider sees it; by default only POST /v1/jobs and "
+     "requests with an Idempotency-Key wait for that, and a PostgreSQL crash can fail a waiting request "
+     "with 503 (send it again)"},
     {"grace-ms", "PGDISPATCH_GRACE_MS", CONFIG_INT, &cfg.grace_ms, "10000", 0, 3600000,
      "on SIGTERM, how long waiting requests may still finish before they get 503"},
     {"threads", "PGDISPATCH_THREADS", CONFIG_INT, &cfg.threads, "1", 1, 64,
@@ -125,6 +130,7 @@ int main(int argc, char **argv)
         .require_api_key = cfg.require_api_key,
         .key_cache_ms = cfg.api_key_cache_s * 1000,
         .schema_version = GATEWAY_SCHEMA_VERSION,
+        .durable_submits = cfg.durable_submits,
     };
     d = dispatcher_new(&dopt, err, sizeof err);
     if (!d || dispatcher_start(d, err, sizeof err) != 0) {

@@ -572,6 +572,95 @@ def test_idempotency_key_returns_the_same_answer(db, workers, gateway):
     assert_openai_error(body, "idempotency_key_reused")
 
 
+def test_only_jobs_and_keyed_requests_wait_for_the_disk_unless_durable_submits(db, workers, gateway, pg):
+    """Which submits wait until their commit is safe: a synchronous standby that never
+    comes (synchronous_standby_names) holds every commit that waits for durability,
+    here only the gateway role's (the rest of this database commits with `local`). A
+    request whose client waits is answered anyway; POST /v1/jobs, a request with an
+    Idempotency-Key, and any request on a gateway with --durable-submits wait in
+    SyncRep (or behind the one that does) until the standby requirement is lifted, then
+    finish normally."""
+    db.sql('ALTER DATABASE "%s" SET synchronous_commit = local' % db.name)
+    gateway_dsn(db)
+    db.sql('ALTER ROLE %s IN DATABASE "%s" SET synchronous_commit = on' % (GATEWAY_ROLE, db.name))
+    workers("n1", ["m1"])
+    plain, jobs, durable = gateway(), gateway(), gateway("--durable-submits")
+    results = {}
+
+    def send(tag, port, path, body, headers=None):
+        results[tag] = request(port, "POST", path, body, headers=headers, timeout=60)
+
+    def held_submits():
+        """(waiting for the standby, running) submit_many statements of the gateways."""
+        return tuple(db.sql("SELECT count(*) FILTER (WHERE wait_event = 'SyncRep'), count(*) FROM pg_stat_activity "
+                            "WHERE usename = %s AND state = 'active' AND query LIKE '%%submit_many%%'",
+                            (GATEWAY_ROLE,))[0])
+
+    pg.psql("ALTER SYSTEM SET synchronous_standby_names = 'pgd_test_no_such_standby'")
+    pg.psql("SELECT pg_reload_conf()")
+    threads = []
+    try:
+        st, _, body = request(plain, "POST", CHAT, chat_body("m1", "not flushed"), timeout=20)
+        assert st == 200, body
+        assert answer_text(body) == "echo: not flushed"
+        for tag, port, path, body, headers in (
+                ("keyed", plain, CHAT, chat_body("m1", "keyed"), {"Idempotency-Key": "k-1"}),
+                ("job", jobs, "/v1/jobs", {"model": "m1", "payload": chat_body("m1", "job")}, None),
+                ("durable", durable, CHAT, chat_body("m1", "durable"), None)):
+            threads.append(threading.Thread(target=send, args=(tag, port, path, body, headers)))
+            threads[-1].start()
+        # One waits in SyncRep, holding the database-wide lock of notifying commits;
+        # the other two wait for that lock.
+        wait_for(lambda: held_submits() == (1, 3), timeout=10, what="three submits held")
+        time.sleep(0.5)
+        assert results == {} and held_submits() == (1, 3)
+    finally:
+        pg.psql("ALTER SYSTEM RESET synchronous_standby_names")
+        pg.psql("SELECT pg_reload_conf()")
+    for t in threads:
+        t.join(60)
+    assert results["keyed"][0] == 200 and answer_text(results["keyed"][2]) == "echo: keyed"
+    assert results["durable"][0] == 200 and answer_text(results["durable"][2]) == "echo: durable"
+    assert results["job"][0] == 202, results["job"]
+
+
+def test_a_waiting_request_whose_job_is_gone_or_replaced_gets_503(db, workers, gateway):
+    """After a crash of PostgreSQL, a waiting request's job may be gone (its submit had
+    not reached the disk) and its id may name a newer job. Simulated as the superuser:
+    one job deleted, the other's created_at changed (another job under the same id),
+    each followed by a completion notification on the gateway's channel. Both clients
+    get 503 database_unavailable; the other job is left alone (not cancelled)."""
+    w = workers("n1", ["m1"])
+    w.configure(latency_ms=3000)
+    port = gateway()
+    channel = reply_channel(gateway, port)
+    results = {}
+
+    def send(tag):
+        results[tag] = request(port, "POST", CHAT, chat_body("m1", tag), timeout=30)
+
+    for tag, change in (("deleted", "DELETE FROM dispatch.jobs WHERE id = %s"),
+                        ("replaced", "UPDATE dispatch.jobs SET created_at = created_at - interval '1 s' "
+                                     "WHERE id = %s")):
+        t = threading.Thread(target=send, args=(tag,))
+        t.start()
+        wait_for(lambda: db.one("SELECT count(*) FROM dispatch.jobs WHERE state = 'leased' "
+                                "AND payload->'messages'->0->>'content' = %s", (tag,)) == 1, what="job leased")
+        jid = db.one("SELECT id FROM dispatch.jobs WHERE payload->'messages'->0->>'content' = %s", (tag,))
+        db.sql(change, (jid,))
+        db.sql("SELECT pg_notify(%s, %s)", (channel, str(jid)))
+        t.join(10)
+        st, h, body = results[tag]
+        assert st == 503, body
+        assert h.get("retry-after") == "1"
+        err = assert_openai_error(body, "database_unavailable")
+        assert "job %d is no longer in the database" % jid in err["message"]
+        assert "send the request again" in err["message"]
+    assert db.one("SELECT state FROM dispatch.jobs WHERE payload->'messages'->0->>'content' = 'replaced'") \
+        in ("leased", "succeeded")
+    assert "job_gone" in gateway.procs[port].output()
+
+
 def test_a_submit_rolled_back_by_a_lock_timeout_answers_503_database_busy(db, workers, gateway):
     """A submit that waits past the gateway role's lock_timeout (here on an idempotency key
     that another transaction is inserting) is rolled back whole: 503 database_busy with
