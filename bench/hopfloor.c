@@ -4,8 +4,10 @@
  * commit), then settles it durably and NOTIFYs back, and the client woken by that reads
  * the result. No HTTP, no daemon, no provider: every real design that records a request
  * before dispatching it and its result before answering is at least this slow. One
- * request in flight, open-loop pacing; latencies count from the actual send. The result
- * is one JSON object on stdout; any failure is one line on stderr and exit status 1. */
+ * request in flight, open-loop pacing; latencies count from the actual send. With
+ * --submit-no-flush the submit's commit does not wait for the disk, as the gateway
+ * commits the submit of a request whose client waits (B4's path). The result is one
+ * JSON object on stdout; any failure is one line on stderr and exit status 1. */
 #include <errno.h>
 #include <getopt.h>
 #include <libpq-fe.h>
@@ -405,10 +407,11 @@ static void print_dist(const char *name, int64_t *us, long n, bool last)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: hopfloor --dsn DSN [--count N] [--rate R]\n"
+            "usage: hopfloor --dsn DSN [--count N] [--rate R] [--submit-no-flush]\n"
             "  --dsn DSN    libpq connection string or URI (the role must be able to create a table)\n"
             "  --count N    requests, one at a time (default 2000)\n"
             "  --rate R     requests per second, on a fixed schedule (default 200)\n"
+            "  --submit-no-flush  the submit commits without waiting for the disk\n"
             "Each request: the client commits INSERT + NOTIFY hopfloor_jobs; the worker, woken, leases\n"
             "the row (UPDATE ... RETURNING, async commit), then commits UPDATE + NOTIFY hopfloor_reply;\n"
             "the client, woken, reads the result. Creates table hopfloor_q and empties it.\n"
@@ -423,6 +426,7 @@ int main(int argc, char **argv)
         { "dsn", required_argument, 0, 'd' },
         { "count", required_argument, 0, 'n' },
         { "rate", required_argument, 0, 'r' },
+        { "submit-no-flush", no_argument, 0, 'f' },
         { "help", no_argument, 0, 'h' },
         { 0, 0, 0, 0 },
     };
@@ -430,13 +434,15 @@ int main(int argc, char **argv)
         const char *dsn;
         long count;  /* requests, one after another */
         double rate; /* requests per second, open loop */
-    } opt = { .dsn = NULL, .count = 2000, .rate = 200 };
+        bool submit_no_flush;
+    } opt = { .dsn = NULL, .count = 2000, .rate = 200, .submit_no_flush = false };
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         switch (ch) {
         case 'd': opt.dsn = optarg; break;
         case 'n': opt.count = atol(optarg); break;
         case 'r': opt.rate = atof(optarg); break;
+        case 'f': opt.submit_no_flush = true; break;
         default: usage();
         }
     }
@@ -467,7 +473,8 @@ int main(int argc, char **argv)
     setup = NULL;
 
     if (!(c.conn = sess_connect(opt.dsn, err, sizeof err)) || !(w.conn = sess_connect(opt.dsn, err, sizeof err)) ||
-        sess_exec(c.conn, c.name, "SET synchronous_commit = on", err, sizeof err) < 0 ||
+        sess_exec(c.conn, c.name, opt.submit_no_flush ? "SET synchronous_commit = off" : "SET synchronous_commit = on",
+                  err, sizeof err) < 0 ||
         sess_exec(w.conn, w.name, "SET synchronous_commit = on", err, sizeof err) < 0 ||
         sess_exec(c.conn, c.name, "LISTEN hopfloor_reply", err, sizeof err) < 0 ||
         sess_exec(w.conn, w.name, "LISTEN hopfloor_jobs", err, sizeof err) < 0)
@@ -493,7 +500,8 @@ int main(int argc, char **argv)
         request_us[i - 1] = req.done_ns / NS_PER_US;
     }
 
-    printf("{\n  \"count\": %ld,\n  \"rate\": %g,\n", opt.count, opt.rate);
+    printf("{\n  \"count\": %ld,\n  \"rate\": %g,\n  \"submit_no_flush\": %s,\n", opt.count, opt.rate,
+           opt.submit_no_flush ? "true" : "false");
     print_dist("submit_to_lease_ms", lease_us, opt.count, false);
     print_dist("request_ms", request_us, opt.count, false);
     print_dist("commit_ms", commit_us, opt.count, true);
