@@ -16,8 +16,10 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   submit_push      the same, handed to an idle node that takes pushed jobs (015)
   submit_16        the same with 16 requests, as the gateway batches them under load
   results_one      the gateway's read of one job (dispatch.results)
+  stream_8         the daemon's relay of one stream piece of each of 8 jobs it holds
+                   (dispatch.stream; each piece is a NOTIFY to the waiting gateway)
 
-Usage: bench/sqlcost.py [--calls N] [--json FILE]   (needs valgrind; about a minute)
+Usage: bench/sqlcost.py [--calls N] [--json FILE] [--shapes a,b]   (needs valgrind; a few minutes)
 """
 import argparse
 import contextlib
@@ -105,6 +107,23 @@ def results_one(gateway, admin, calls):
             raise SystemExit("sqlcost: dispatch.results returned %d rows for one id" % len(rows))
 
 
+def stream_8(node, admin, calls):
+    admin.execute("""INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, reply_channel, stream_token)
+                     SELECT 'stream', '/v1/chat/completions', %s, 3, 'gw_reply', 'tok' || g
+                     FROM generate_series(1, 8) AS g""", (json.dumps(REQUEST["payload"]),))
+    held = node.execute("SELECT id, attempt FROM dispatch.exchange(NULL, 8) WHERE kind = 'job'").fetchall()
+    node.commit()
+    if len(held) != 8:
+        raise SystemExit("sqlcost: stream_8 leased %d jobs, expected 8" % len(held))
+    piece = 'data: {"choices":[{"index":0,"delta":{"content":"tok"},"finish_reason":null}]}'
+    for seq in range(calls):
+        chunks = json.dumps([{"id": i, "attempt": a, "seq": seq, "more": True, "data": piece} for i, a in held])
+        rows = node.execute("SELECT id, attempt, ok FROM dispatch.stream(%s)", (chunks,)).fetchall()
+        node.commit()
+        if len(rows) != 8 or not all(r[2] for r in rows):
+            raise SystemExit("sqlcost: dispatch.stream refused pieces: %s" % (rows,))
+
+
 # name -> (function, role of the measured session, whether that session is the node,
 #          whether the helper node takes pushed jobs)
 SHAPES = {
@@ -114,8 +133,10 @@ SHAPES = {
     "submit_push": (submit_push, "sqlcost_gateway", False, True),
     "submit_16": (submit_16, "sqlcost_gateway", False, False),
     "results_one": (results_one, "sqlcost_gateway", False, False),
+    "stream_8": (stream_8, "dispatch_node_stream", True, False),
 }
-NODE_MODELS = {"dispatch_node_probe": ["probe"], "dispatch_node_light": ["light"]}
+NODE_MODELS = {"dispatch_node_probe": ["probe"], "dispatch_node_light": ["light"],
+               "dispatch_node_stream": ["stream"]}
 
 
 class Callgrind:
@@ -198,7 +219,7 @@ def session_instructions(cg, cluster, shape, calls):
     return cg.instructions(pid)
 
 
-def measure(calls=20, log=print):
+def measure(calls=20, log=print, shapes=None):
     """Instructions per call of each shape (exchange_light: per lease-and-settle pair)."""
     if not shutil.which("valgrind"):
         raise SystemExit("sqlcost: valgrind is not installed (apt-get install valgrind)")
@@ -209,7 +230,7 @@ def measure(calls=20, log=print):
         cluster.start()
         cluster.create_database("bench")
         cluster.migrate("bench")
-        for node in ("probe", "light"):
+        for node in ("probe", "light", "stream"):
             cluster.psql("SELECT dispatch.enroll('%s')" % node, dbname="bench")
         cluster.psql("SELECT dispatch.set_setting('queue_depth_per_slot', 1000000)", dbname="bench")
         cluster.psql("CREATE ROLE sqlcost_gateway LOGIN IN ROLE dispatch_gateway", dbname="bench")
@@ -220,7 +241,7 @@ def measure(calls=20, log=print):
         cluster.stop()
         cg = Callgrind(cluster)
         figures = {}
-        for shape in SHAPES:
+        for shape in shapes or SHAPES:
             short = session_instructions(cg, cluster, shape, calls)
             long = session_instructions(cg, cluster, shape, 6 * calls)
             figures[shape] = round((long - short) / (5 * calls))
@@ -236,8 +257,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=20, help="N: sessions of N and 6N calls (default 20)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--shapes", help="comma-separated shapes to measure (default: all)")
     args = ap.parse_args()
-    figures = measure(args.calls, log=lambda line: print(line, flush=True))
+    shapes = args.shapes.split(",") if args.shapes else None
+    unknown = [s for s in shapes or [] if s not in SHAPES]
+    if unknown:
+        ap.error("unknown shapes %s; known: %s" % (", ".join(unknown), ", ".join(SHAPES)))
+    figures = measure(args.calls, log=lambda line: print(line, flush=True), shapes=shapes)
     if args.json:
         commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                                 capture_output=True, text=True).stdout.strip()

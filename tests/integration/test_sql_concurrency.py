@@ -323,6 +323,31 @@ def test_completion_notifies_the_reply_channel_split_past_350_ids(db):
     watcher.conn.close()
 
 
+def test_stream_pieces_reach_the_reply_channel_each_job_in_sent_order(db):
+    """dispatch.stream sends one NOTIFY per piece of a held job on its reply channel,
+    S<id>:<seq>:<m|e>:<token>:<data>, each job's pieces in the order sent (the calls
+    interleave jobs, as the daemon's do); pieces of a job the node does not hold
+    send nothing, and the answer is one row per (id, attempt) in id order."""
+    conn, _ = node(db, "relay", ["m-s"], 4)
+    watcher = Listener(db.connect(), "gw_stream")
+    a, b = submit_many(db, [{"model": "m-s", "payload": {}, "stream_token": "tokA1234"},
+                            {"model": "m-s", "payload": {}, "stream_token": "tokB1234"}], "gw_stream")
+    assert sorted(r[0] for r in conn.execute("SELECT id FROM dispatch.lease(2)").fetchall()) == [a, b]
+    stale = b + 1000
+    pieces = [(b, 1, 0, True, "b0"), (a, 1, 0, True, "a0"), (stale, 1, 0, False, "x"), (a, 1, 1, True, "a1"),
+              (b, 1, 1, False, "b1"), (a, 1, 2, False, 'a2 "quoted": ok')]
+    rows = conn.execute("SELECT id, attempt, ok FROM dispatch.stream(%s)", (json.dumps(
+        [{"id": i, "attempt": t, "seq": q, "more": m, "data": d} for i, t, q, m, d in pieces]),)).fetchall()
+    assert rows == [(a, 1, True), (b, 1, True), (stale, 1, False)]
+    got = [n.payload for n in watcher.drain_through_sentinel(db, "gw_stream")]
+    assert [p for p in got if p.startswith("S%d:" % a)] == [
+        "S%d:0:m:tokA1234:a0" % a, "S%d:1:m:tokA1234:a1" % a, 'S%d:2:e:tokA1234:a2 "quoted": ok' % a]
+    assert [p for p in got if p.startswith("S%d:" % b)] == ["S%d:0:m:tokB1234:b0" % b, "S%d:1:e:tokB1234:b1" % b]
+    assert len(got) == 5
+    conn.close()
+    watcher.conn.close()
+
+
 def test_cancel_of_a_leased_job_notifies_the_node_channel(db):
     conn, session = node(db, "aborter", ["m-c"], 4)
     node_channel = session[2]
