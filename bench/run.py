@@ -1796,6 +1796,9 @@ def write_report(data):
                 a("| same: `dispatch.submit_many` of 16 requests for one model, per call | %s |"
                   % "{:,}".format(ipc["submit_16"]))
             a("| same: the gateway's `dispatch.results` of one job, per call | %s |" % "{:,}".format(ipc["results_one"]))
+            if "stream_8" in ipc:
+                a("| same: the daemon's `dispatch.stream` relaying one piece of each of 8 jobs, per call | %s |"
+                  % "{:,}".format(ipc["stream_8"]))
         a("")
         a("The SQL-only rows are the ceiling of B1 on this machine at this moment: the same round trip")
         a("the daemon makes, with no HTTP, no daemon and no provider sharing the 2 cores.")

@@ -530,6 +530,33 @@ def test_disconnect_mid_stream_cancels_the_job(db, workers, gateway):
     assert st == 200 and text_of(events) == "echo: again"
 
 
+def test_a_stream_whose_job_is_replaced_ends_with_an_error_event(db, workers, gateway):
+    """A relaying stream whose job id comes to name another job (a crash lost its
+    submit; simulated by changing the job's created_at) ends with an error event
+    `database_unavailable` when the gateway next reads that id, and leaves the job
+    that now has the id alone (not cancelled)."""
+    w = workers("n1", ["m1"])
+    port = gateway()
+    if USE_REAL_STREAM:
+        w.configure(stream_chunks=50, stream_interval_ms=300)
+    else:
+        w.configure(fault="stall")
+    s = Stream(port, chat_body("m1", "a long answer"))
+    try:
+        assert s.status == 200
+        events = s.events()
+        assert json.loads(next(events)[1])["choices"]
+        jid = db.one("SELECT id FROM dispatch.jobs")
+        db.sql("UPDATE dispatch.jobs SET created_at = created_at - interval '1 s' WHERE id = %s", (jid,))
+        db.sql("SELECT pg_notify(%s, %s)", (reply_channel(gateway, port), str(jid)))
+        rest = [data for _, data in events]
+    finally:
+        s.close()
+    err = assert_error_end(rest, "database_unavailable")
+    assert "job %d is no longer in the database" % jid in err["message"]
+    assert db.one("SELECT state FROM dispatch.jobs WHERE id = %s", (jid,)) in ("leased", "succeeded")
+
+
 def test_provider_dying_mid_stream_gives_an_error_event(db, workers, gateway):
     w = workers("n1", ["m1"])
     port = gateway()
