@@ -506,13 +506,19 @@ def test_deadline_before_and_after_the_first_event(db, workers, gateway):
 # Failures
 # ---------------------------------------------------------------------------
 
-def test_disconnect_mid_stream_cancels_the_job(db, workers, gateway):
-    w = workers("n1", ["m1"])
-    port = gateway()
+def long_stream(w):
+    """Streams from now on go on for many seconds after their first event: 50 events
+    500 ms apart from the fake provider, or a stall after the first from the stand-in."""
     if USE_REAL_STREAM:
         w.configure(stream_chunks=50, stream_interval_ms=500)
     else:
         w.configure(fault="stall")
+
+
+def test_disconnect_mid_stream_cancels_the_job(db, workers, gateway):
+    w = workers("n1", ["m1"])
+    port = gateway()
+    long_stream(w)
     s = Stream(port, chat_body("m1", "bye now, I leave early"))
     assert s.status == 200
     first = next(s.events())
@@ -537,10 +543,7 @@ def test_a_stream_whose_job_is_replaced_ends_with_an_error_event(db, workers, ga
     that now has the id alone (not cancelled)."""
     w = workers("n1", ["m1"])
     port = gateway()
-    if USE_REAL_STREAM:
-        w.configure(stream_chunks=50, stream_interval_ms=300)
-    else:
-        w.configure(fault="stall")
+    long_stream(w)
     s = Stream(port, chat_body("m1", "a long answer"))
     try:
         assert s.status == 200
