@@ -610,9 +610,9 @@ def test_only_jobs_and_keyed_requests_wait_for_the_disk_unless_durable_submits(d
             threads.append(threading.Thread(target=send, args=(tag, port, path, body, headers)))
             threads[-1].start()
         # One waits in SyncRep, holding the database-wide lock of notifying commits;
-        # the other two wait for that lock.
+        # the other two wait for that lock. Held there, none can answer before the
+        # standby requirement is lifted.
         wait_for(lambda: held_submits() == (1, 3), timeout=10, what="three submits held")
-        time.sleep(0.5)
         assert results == {} and held_submits() == (1, 3)
     finally:
         pg.psql("ALTER SYSTEM RESET synchronous_standby_names")
