@@ -124,8 +124,11 @@ $(BUILD)/loadgen: bench/loadgen.c
 $(BUILD)/hopfloor: bench/hopfloor.c
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/hopfloor.c -lpq -lm
+$(BUILD)/pgsubmit: bench/pgsubmit.c
+	@mkdir -p $(@D)
+	$(CC) $(ALLCFLAGS) -o $@ bench/pgsubmit.c -lpq
 
-bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
+bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor $(BUILD)/pgsubmit ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
 bench-sqlcost: deps ## instructions a backend runs per call of exchange, submit_many and results (callgrind)
 	$(PYTHON) bench/sqlcost.py

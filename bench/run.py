@@ -17,7 +17,8 @@ How it counts (see the "Method" section it writes into RESULTS.md):
   counted window is preceded and followed by an 11 s quiet period;
 - notifying commits: the harness LISTENs on every channel the workload can notify
   (model channels, reply channels) and counts the notifications it receives;
-- latency under HTTP load: bench/loadgen (open loop, from the scheduled send time).
+- latency under HTTP load: bench/loadgen; of the queue (B2): bench/pgsubmit (both open
+  loop, C, from the scheduled send time).
 """
 import argparse
 import atexit
@@ -350,7 +351,7 @@ class Bench:
         self.snap = os.path.join(self.out, "snapshot")
         os.makedirs(os.path.join(self.snap, "bin"))
         self.snap_sums = {}
-        for name in ("pgdispatch-daemon", "pgdispatch-gateway", "fake-provider", "loadgen", "hopfloor"):
+        for name in ("pgdispatch-daemon", "pgdispatch-gateway", "fake-provider", "loadgen", "hopfloor", "pgsubmit"):
             src = os.path.join(BUILD, name)
             if os.path.exists(src):
                 dst = os.path.join(self.snap, "bin", name)
@@ -470,6 +471,17 @@ class Bench:
             raise BenchError("loadgen %s failed: %s" % (label, r.stderr.strip()))
         with open(out) as f:
             return json.load(f)
+
+    def pgsubmit(self, label, dsn, reply, before, after, jobs, rate, connections):
+        """Runs bench/pgsubmit; returns its output (a line per job)."""
+        argv = [self.binary("pgsubmit"), "--dsn", dsn, "--reply", reply, "--before", before, "--after", after,
+                "--count", str(jobs), "--rate", str(rate), "--connections", str(connections)]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=jobs / rate + 120)
+        with open(os.path.join(self.out, "pgsubmit-%s.tsv" % label), "w") as f:
+            f.write(r.stdout)
+        if r.returncode != 0:
+            raise BenchError("pgsubmit %s failed: %s" % (label, r.stderr.strip()))
+        return r.stdout
 
     def settle(self):
         time.sleep(1.5 if self.quick else SETTLE_S)
@@ -827,9 +839,10 @@ HOPS_B2 = ("client send → submit starts", "submit starts → client has its an
 
 
 def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=None, daemons=None,
-         threads=1, counted=False):
-    """Jobs submitted one by one on a fixed schedule; per job, against the client's send
-    time: submit→provider-receives (the fake provider's receive time of the job's
+         connections=4, counted=False):
+    """Jobs submitted one by one on a fixed schedule by bench/pgsubmit (a C client on
+    `connections` connections); per job, against its scheduled send time:
+    submit→provider-receives (the fake provider's receive time of the job's
     request, matched by the marker the payload carries in "user"), and for reference
     submit→lease (started_at) and submit→finished (finished_at)."""
     jobs = jobs or bench.n(2000, 400)
@@ -838,49 +851,26 @@ def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=N
         provider = bench.provider(tag)
         db = bench.new_db(tag)
         daemons = [bench.daemon(db, "%sn%d" % (tag, i + 1), provider, 10) for i in range(nodes)]
-    conns = [psycopg.connect(db.dsn(CLIENT_ROLE), autocommit=True) for _ in range(threads)]
     # One marker per job in the OpenAI "user" field: the daemon forwards the payload as
     # is, and the fake provider records when a request with that marker arrived.
-    marker = lambda i: "b2-%s-%d" % (tag, i)  # noqa: E731
-    sent = [None] * jobs
+    marker = lambda i: "b2-%s-%s" % (tag, i)  # noqa: E731
+    before, after = json.dumps([{"model": MODEL, "payload": dict(BODY, user=marker("@job@"))}]).split("@job@")
     if counted:
         bench.settle()
     s0 = bench.observer.snapshot(db.name)
     c0 = cpu_sample(bench, daemons + [provider])
     base = provider_arrivals(provider)
-    t0 = time.time() + 0.05
-    errors = []
-
-    def worker(k):
-        conn = conns[k]
-        for i in range(k, jobs, threads):
-            one = json.dumps([{"model": MODEL, "payload": dict(BODY, user=marker(i))}])
-            sched = t0 + i / rate
-            delay = sched - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            t_send = time.time()
-            try:
-                row = conn.execute("SELECT id, sqlstate, message FROM dispatch.submit_many(%s::json, %s)",
-                                   (one, REPLY)).fetchone()
-            except Exception as e:  # noqa: BLE001
-                errors.append(str(e))
-                continue
-            t_ret = time.time()
-            if row[1] is not None:
-                errors.append("%s %s" % (row[1], row[2]))
-                continue
-            sent[i] = (row[0], sched, t_send, t_ret, marker(i))
-
-    ths = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    t0 = time.time()
+    out = bench.pgsubmit(tag, db.dsn(CLIENT_ROLE), REPLY, before, after, jobs, rate, connections)
     t_last_submit = time.time()
-    ok = [s for s in sent if s]
-    for c in conns:
-        c.close()
+    # (id, due, sent, returned, marker) of each job the submit took; wall clock seconds
+    ok, errors = [], []
+    for line in out.splitlines():
+        i, job_id, due, sent, ret, sqlstate, message = line.split("\t")
+        if job_id:
+            ok.append((int(job_id), int(due) / 1e6, int(sent) / 1e6, int(ret) / 1e6, marker(int(i))))
+        else:
+            errors.append("%s %s" % (sqlstate, message))
     wait_arrivals(provider, base, len(ok), 60, daemons + [provider])
     c1 = cpu_sample(bench, daemons + [provider])
     res = {"rate": rate, "jobs": jobs, "submitted": len(ok), "submit_errors": len(errors),
@@ -915,11 +905,11 @@ def w_b2(bench, w, rate=200.0, jobs=None, nodes=1, tag="b2", db=None, provider=N
         submit_ms.append((t_ret - t_send) * 1000)
         lag_ms.append((t_send - sched) * 1000)
         if mark in received:
-            provider_ms.append((received[mark] - t_send) * 1000)
+            provider_ms.append((received[mark] - sched) * 1000)
         if r and r[1] is not None:
-            lease_ms.append((r[1] - t_send) * 1000)
+            lease_ms.append((r[1] - sched) * 1000)
         if r and r[2] is not None:
-            finish_ms.append((r[2] - t_send) * 1000)
+            finish_ms.append((r[2] - sched) * 1000)
         if r and r[1] is not None and mark in received:
             hops["client send → submit starts"].append((r[4] - t_send) * 1000)
             hops["submit starts → client has its answer"].append((t_ret - r[4]) * 1000)
@@ -960,7 +950,7 @@ def w_b2_all(bench, w):
             raw.append(r)
     g = lambda k, p: [r[k][p] for r in raw]  # noqa: E731
     exact = ("the fake provider's receive time of the job's request (GET /_fake/arrivals, matched by the "
-             "payload's \"user\" marker) minus the client's send time of the submit; same machine clock")
+             "payload's \"user\" marker) minus the submit's scheduled send time; same machine clock")
     figs = []
     for p, tgt in (("p50", 1.0), ("p95", None), ("p99", 5.0)):
         figs.append(figure("submit→provider-receives %s" % p, g("submit_to_provider_ms", p), "ms",
@@ -1357,7 +1347,7 @@ def w_b8(bench, w, results):
                 rate = max(1.0, round(sat["jobs_per_s"] * 0.1, 1))
                 n10 = max(50, int(rate * bench.n(10, 4)))
                 low = w_b2(bench, w, rate=rate, jobs=n10, db=db, provider=provider, daemons=daemons,
-                           threads=4 if rate > 300 else (2 if rate > 150 else 1), counted=True)
+                           counted=True)
                 r = {"repeat": rep, "saturated": sat, "low": low, "jobs_per_s": sat["jobs_per_s"],
                      "spj_saturated": sat["statements_per_job"], "spj_low": low.get("statements_per_job"),
                      "top_saturated": sat["toplevel_per_job"], "top_low": low.get("toplevel_per_job"),
@@ -2059,16 +2049,17 @@ def details_b7(a, r):
 def details_b8(a, r):
     a("| repeat | jobs/s | statements/job saturated (all/top) | 10 % rate | statements/job at 10 % (all/top) | "
       "notifying commits/job (sat / 10 %) | submit→provider-receives p50/p99 ms at 10 % | "
-      "submit→lease p50/p99 ms at 10 % |")
-    a("|---|---|---|---|---|---|---|---|")
+      "submit→lease p50/p99 ms at 10 % | 10 %: submits sent per s; send behind schedule p50/p99 ms |")
+    a("|---|---|---|---|---|---|---|---|---|")
     for x in r["raw"]:
         s, lo = x["saturated"], x["low"]
-        prov = lo["submit_to_provider_ms"]
-        a("| %s | %.0f | %s / %s | %s | %s / %s | %s / %s | %s / %s | %s / %s |" % (
+        prov, lag = lo["submit_to_provider_ms"], lo.get("schedule_lag_ms", {})
+        a("| %s | %.0f | %s / %s | %s | %s / %s | %s / %s | %s / %s | %s / %s | %s; %s / %s |" % (
             x["repeat"], s["jobs_per_s"], s["statements_per_job"], s["toplevel_per_job"], x["low_rate"],
             lo.get("statements_per_job"), lo.get("toplevel_per_job"), s.get("notifying_commits_per_job"),
             lo.get("notifying_commits_per_job"), prov["p50"], prov["p99"],
-            lo["submit_to_lease_ms"]["p50"], lo["submit_to_lease_ms"]["p99"]))
+            lo["submit_to_lease_ms"]["p50"], lo["submit_to_lease_ms"]["p99"], lo.get("achieved_rate"),
+            lag.get("p50"), lag.get("p99")))
 
 
 def details_b9(a, r):
@@ -2172,12 +2163,15 @@ METHOD = [
     "enable() are inside the counted window (they are part of each job's life); while the drain runs "
     "the harness watches only the fake provider's request counter (HTTP) and reads the database after "
     "the window." % SUBMIT_BATCH,
-    "**Latency of the queue (B2, B8 at 10 %).** Jobs are submitted one by one on a fixed schedule; each "
-    "job's payload carries a marker of its own in the OpenAI `user` field, which the daemon forwards "
-    "untouched. Per job the harness keeps its own send time (just before the submit call) and, after the "
-    "run, reads the fake provider's receive time of the request with that marker (GET /_fake/arrivals: "
-    "the provider's wall clock when the request's headers and body were complete, before any latency it "
-    "adds). submit→provider-receives is the difference of the two, on the same machine clock. started_at "
+    "**Latency of the queue (B2, B8 at 10 %).** bench/pgsubmit (C, libpq, a prepared "
+    "`dispatch.submit_many` call) submits jobs one per call on a fixed schedule, each on the first idle "
+    "one of 4 connections, so one slow submit delays no other (a job due while all 4 are busy waits, "
+    "and the wait counts). Each job's payload carries a marker of its own in the OpenAI `user` field, "
+    "which the daemon forwards untouched. Per job the client records the scheduled send time, the "
+    "actual send and the answer; after the run the harness reads the fake provider's receive time of "
+    "the request with that marker (GET /_fake/arrivals: the provider's wall clock when the request's "
+    "headers and body were complete, before any latency it adds). submit→provider-receives is the "
+    "receive time minus the scheduled send time, on the same machine clock. started_at "
     "(set by the lease) and finished_at (set by the completion) are read from the jobs table and shown "
     "for reference: they bracket the provider's receive time.",
     "**HTTP latency (B4).** bench/loadgen: one thread, epoll, keep-alive connections. Open loop sends on a "
