@@ -1,8 +1,17 @@
--- Catalog-wide rules: every function documented, search_path pinned, no table or
--- function open to PUBLIC, SECURITY DEFINER on every function a role may call.
+-- Catalog-wide rules: every function documented, search_path pinned (or every name bound
+-- when the function was created), no table or function open to PUBLIC, SECURITY DEFINER
+-- on every function a role may call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(9);
+SELECT plan(13);
+
+CREATE FUNCTION pg_temp.plan_of(q text) RETURNS json LANGUAGE plpgsql AS $$
+DECLARE p json;
+BEGIN
+    EXECUTE 'EXPLAIN (VERBOSE, FORMAT JSON) ' || q INTO p;
+    RETURN p;
+END
+$$;
 
 SELECT has_schema('dispatch');
 
@@ -11,17 +20,35 @@ SELECT is_empty($$
     WHERE p.pronamespace = 'dispatch'::regnamespace AND obj_description(p.oid, 'pg_proc') IS NULL
 $$, 'every dispatch function has COMMENT ON FUNCTION');
 
+-- A function with a standard SQL body (RETURN ...) had every name in it bound when it
+-- was created, so no search_path can change what it calls; it has no SET clause, which
+-- would keep the planner from inlining it into the statement that calls it (017), and
+-- inlined it runs under that statement's settings.
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
     WHERE p.pronamespace = 'dispatch'::regnamespace
       AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)
-$$, 'every dispatch function pins search_path to pg_catalog, pg_temp');
+      AND NOT (p.prosqlbody IS NOT NULL AND p.proconfig IS NULL)
+$$, 'every dispatch function pins search_path to pg_catalog, pg_temp, or binds its names at creation');
 
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
     WHERE p.pronamespace = 'dispatch'::regnamespace
       AND NOT coalesce(p.proconfig @> ARRAY['jit=off'], false)
+      AND NOT (p.prosqlbody IS NOT NULL AND p.proconfig IS NULL)
 $$, 'no dispatch function JIT-compiles (compiling costs ~100 ms per call once tables are large)');
+
+-- The helpers a submit calls in its statements are planned into them: no call is left.
+SELECT doesnt_match(plan::text, 'model_channel', 'model_channel is inlined')
+FROM (SELECT pg_temp.plan_of($$SELECT dispatch.model_channel(m) FROM unnest(ARRAY['a', 'b']) m$$) AS plan) x;
+SELECT doesnt_match(plan::text, 'node_channel', 'node_channel is inlined')
+FROM (SELECT pg_temp.plan_of($$SELECT dispatch.node_channel(i) FROM generate_series(1, 2) i$$) AS plan) x;
+SELECT doesnt_match(plan::text, 'node_live', '_node_live is inlined')
+FROM (SELECT pg_temp.plan_of($$SELECT dispatch._node_live(n.id, n.backend_pid) FROM dispatch.nodes n$$) AS plan) x;
+SELECT doesnt_match(plan::text, 'fields_problem', '_fields_problem is inlined')
+FROM (SELECT pg_temp.plan_of($$SELECT dispatch._fields_problem(e.r, f) FROM json_array_elements('[{}]') e(r)
+                               CROSS JOIN LATERAL json_populate_record(NULL::dispatch.request_fields, e.r) f$$)
+      AS plan) x;
 
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM pg_proc p
