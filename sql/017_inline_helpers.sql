@@ -6,16 +6,20 @@
 -- settings and starts the PL/pgSQL interpreter (callgrind, bench/sqlcost.py: 242,000
 -- of the submit's 1.40 million instructions went to the five).
 --
--- model_channel, node_channel and _node_live are now SQL functions with a standard
--- body (RETURN ...), which PostgreSQL parses when the function is created, binding
--- every name then, and which the planner inlines into the calling statement: no call
--- at all. A SET clause would stop the inlining, so these do without one; no name in
--- them is looked up at run time, which is what the pinned search_path of the other
--- functions guarantees (tests/sql/catalog.sql holds both rules). node_channel casts the
--- id to text first so that its body is immutable as declared (text || integer calls the
+-- model_channel and node_channel are now SQL functions with a standard body
+-- (RETURN ...), which PostgreSQL parses when the function is created, binding every
+-- name then, and which the planner inlines into the calling statement: no call at all.
+-- A SET clause would stop the inlining, so these do without one; no name in them is
+-- looked up at run time, which is what the pinned search_path of the other functions
+-- guarantees (tests/sql/catalog.sql holds both rules). node_channel casts the id to
+-- text first so that its body is immutable as declared (text || integer calls the
 -- stable anytextcat; a body less immutable than its function is not inlined).
--- _node_live's CASE takes the liveness lock only when the two cheaper answers do not
--- apply, as its PL/pgSQL version did.
+--
+-- _node_live stays PL/pgSQL, although inlined it saved 22,000 instructions a call: it
+-- takes a lock, and a PL/pgSQL call is costed high enough that the planner tests it
+-- after every other condition, while its inlined CASE looked cheap and went first, so
+-- that a submit locked the gone nodes of every model, not only its own
+-- (tests/sql/submit_paths.sql).
 --
 -- The rules of a well-formed element move from _request_problem into _fields_problem,
 -- which reads the fields one parse of the element has produced. submit_many's short
@@ -33,12 +37,6 @@ RETURN 'dispatch_m_' || md5(p_model);
 CREATE OR REPLACE FUNCTION dispatch.node_channel(p_node_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN 'dispatch_n_' || p_node_id::text;
-
-CREATE OR REPLACE FUNCTION dispatch._node_live(p_node_id integer, p_backend_pid integer) RETURNS boolean
-LANGUAGE sql VOLATILE
-RETURN CASE WHEN p_backend_pid IS NULL THEN false
-            WHEN p_backend_pid = pg_backend_pid() THEN true
-            ELSE NOT pg_try_advisory_xact_lock_shared(dispatch._lock_class(), p_node_id) END;
 
 CREATE FUNCTION dispatch._fields_problem(r json, f dispatch.request_fields) RETURNS text
 LANGUAGE sql IMMUTABLE

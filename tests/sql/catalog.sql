@@ -3,7 +3,7 @@
 -- on every function a role may call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(13);
+SELECT plan(12);
 
 CREATE FUNCTION pg_temp.plan_of(q text) RETURNS json LANGUAGE plpgsql AS $$
 DECLARE p json;
@@ -43,8 +43,6 @@ SELECT doesnt_match(plan::text, 'model_channel', 'model_channel is inlined')
 FROM (SELECT pg_temp.plan_of($$SELECT dispatch.model_channel(m) FROM unnest(ARRAY['a', 'b']) m$$) AS plan) x;
 SELECT doesnt_match(plan::text, 'node_channel', 'node_channel is inlined')
 FROM (SELECT pg_temp.plan_of($$SELECT dispatch.node_channel(i) FROM generate_series(1, 2) i$$) AS plan) x;
-SELECT doesnt_match(plan::text, 'node_live', '_node_live is inlined')
-FROM (SELECT pg_temp.plan_of($$SELECT dispatch._node_live(n.id, n.backend_pid) FROM dispatch.nodes n$$) AS plan) x;
 SELECT doesnt_match(plan::text, 'fields_problem', '_fields_problem is inlined')
 FROM (SELECT pg_temp.plan_of($$SELECT dispatch._fields_problem(e.r, f) FROM json_array_elements('[{}]') e(r)
                                CROSS JOIN LATERAL json_populate_record(NULL::dispatch.request_fields, e.r) f$$)

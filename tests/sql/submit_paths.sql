@@ -5,7 +5,7 @@
 -- Calls of the general path are counted with track_functions.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(43);
+SELECT plan(49);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 SET LOCAL track_functions = 'pl';
@@ -184,6 +184,27 @@ SELECT results_eq($$SELECT DISTINCT message FROM short_fallback WHERE sqlstate =
 SELECT is(dispatch.set_setting('fallback_capacity', 0), 0::numeric, 'fallback_capacity 0');
 SELECT ok(pg_temp.takes_general('[{"model": "m-fb", "payload": {}}]'),
     'known, nobody serves it, no fallback: general path (it words the refusal)');
+
+------------------------------------------------------------------------------
+-- The short path asks the liveness of its model's nodes only: asking takes a shared
+-- lock on a node that looks registered but is gone, until the submit commits, and that
+-- node's daemon registering again waits for it (017 keeps _node_live a PL/pgSQL call:
+-- inlined, the planner asked before it tested the model).
+SELECT is(dispatch.enroll('gpu-gone'), 'dispatch_node_gpu_gone', 'enroll gpu-gone');
+UPDATE dispatch.nodes SET models = ARRAY['m-gone'], backend_pid = 999999, registered_at = now()
+WHERE name = 'gpu-gone';
+CREATE FUNCTION pg_temp.gone_node_locked() RETURNS boolean LANGUAGE sql AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN dispatch.nodes n ON n.name = 'gpu-gone'
+                   WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.objid = n.id::oid
+                     AND l.objsubid = 2)
+$$;
+SELECT ok(NOT pg_temp.gone_node_locked(), 'gpu-gone: its liveness lock is not taken yet');
+SELECT is((SELECT count(*) FROM dispatch.submit_many('[{"model": "m1", "payload": {}}]', 'gw_gone')
+           WHERE id IS NOT NULL), 1::bigint, 'a submit for m1 (short path) is taken');
+SELECT ok(NOT pg_temp.gone_node_locked(), 'the short path did not ask whether gpu-gone (not serving m1) is live');
+SELECT is((SELECT count(*) FROM dispatch.submit_many('[{"model": "m-gone", "payload": {}}]', 'gw_gone')
+           WHERE sqlstate = 'PD002'), 1::bigint, 'a submit for m-gone is refused: no live node');
+SELECT ok(pg_temp.gone_node_locked(), 'that submit did ask (the check above can see the lock)');
 
 SELECT * FROM finish();
 ROLLBACK;
