@@ -121,10 +121,10 @@ clean: ## remove build output
 $(BUILD)/loadgen: bench/loadgen.c
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/loadgen.c -lm
-$(BUILD)/hopfloor: bench/hopfloor.c
+$(BUILD)/hopfloor: bench/hopfloor.c bench/benchutil.h
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/hopfloor.c -lpq -lm
-$(BUILD)/pgsubmit: bench/pgsubmit.c
+$(BUILD)/pgsubmit: bench/pgsubmit.c bench/benchutil.h
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/pgsubmit.c -lpq
 

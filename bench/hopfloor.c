@@ -13,7 +13,6 @@
 #include <libpq-fe.h>
 #include <math.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,8 +20,8 @@
 #include <string.h>
 #include <time.h>
 
-#define NS_PER_SEC 1000000000LL
-#define NS_PER_US 1000LL
+#include "benchutil.h"
+
 #define WAIT_MS 10000 /* a request that makes no progress for this long is an error */
 
 /* ----------------------------------------------------------------- sessions --- */
@@ -63,41 +62,6 @@ typedef struct {
     int64_t lease_ns;  /* submit sent → the worker has its leased row */
     int64_t done_ns;   /* submit sent → the client has read the result */
 } hop_req_t;
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * NS_PER_SEC + ts.tv_nsec;
-}
-
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t len, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, len, fmt, ap);
-    va_end(ap);
-}
-
-/* libpq's messages span lines (DETAIL, LINE 1 with a caret, a tab-indented hint); ours
- * are one line: every run of white space becomes one space. Returns a static buffer,
- * overwritten by the next call. */
-static const char *one_line(const char *msg)
-{
-    static char buf[512];
-    size_t n = 0;
-    for (const char *p = msg ? msg : ""; *p && n < sizeof buf - 1; p++) {
-        bool space = *p == ' ' || *p == '\n' || *p == '\t' || *p == '\r';
-        if (!space)
-            buf[n++] = *p;
-        else if (n > 0 && buf[n - 1] != ' ')
-            buf[n++] = ' ';
-    }
-    while (n > 0 && buf[n - 1] == ' ')
-        n--;
-    buf[n] = '\0';
-    return buf;
-}
 
 /* Connects and checks. Returns the connection, or NULL with err set (nothing to free). */
 static PGconn *sess_connect(const char *dsn, char *err, size_t errlen)
@@ -246,7 +210,7 @@ static int req_start(hop_req_t *req, hop_sess_t *c, long long id, char *err, siz
     req->wp = WORKER_WAIT_JOB;
     snprintf(sql, sizeof sql, "BEGIN; INSERT INTO hopfloor_q (id) VALUES (%lld); NOTIFY hopfloor_jobs, '%lld'; COMMIT",
              id, id);
-    req->t0 = now_ns();
+    req->t0 = clock_ns(CLOCK_MONOTONIC);
     return query_send(c, "submit", sql, 4, -1, 1, NULL, err, errlen);
 }
 
@@ -260,7 +224,7 @@ static int req_step(hop_req_t *req, hop_sess_t *c, hop_sess_t *w, char *err, siz
         if ((rc = query_take(c, err, errlen)) < 0)
             return -1;
         if (rc == 1) {
-            req->commit_ns = now_ns() - req->t0;
+            req->commit_ns = clock_ns(CLOCK_MONOTONIC) - req->t0;
             req->cp = CLIENT_WAIT_REPLY;
             moved = 1;
         }
@@ -281,7 +245,7 @@ static int req_step(hop_req_t *req, hop_sess_t *c, hop_sess_t *w, char *err, siz
         if ((rc = query_take(w, err, errlen)) < 0)
             return -1;
         if (rc == 1) {
-            req->lease_ns = now_ns() - req->t0;
+            req->lease_ns = clock_ns(CLOCK_MONOTONIC) - req->t0;
             snprintf(sql, sizeof sql, "BEGIN; UPDATE hopfloor_q SET result = 'ok' WHERE id = %lld; "
                                       "NOTIFY hopfloor_reply, '%lld'; COMMIT", req->id, req->id);
             if (query_send(w, "settle", sql, 4, -1, 1, NULL, err, errlen) < 0)
@@ -313,7 +277,7 @@ static int req_step(hop_req_t *req, hop_sess_t *c, hop_sess_t *w, char *err, siz
         if ((rc = query_take(c, err, errlen)) < 0)
             return -1;
         if (rc == 1) {
-            req->done_ns = now_ns() - req->t0;
+            req->done_ns = clock_ns(CLOCK_MONOTONIC) - req->t0;
             req->cp = CLIENT_DONE;
             moved = 1;
         }
@@ -480,7 +444,7 @@ int main(int argc, char **argv)
         sess_exec(w.conn, w.name, "LISTEN hopfloor_jobs", err, sizeof err) < 0)
         goto done;
 
-    int64_t start = now_ns();
+    int64_t start = clock_ns(CLOCK_MONOTONIC);
     for (long i = 1; i <= opt.count; i++) {
         /* Open loop: request i is due at start + i/R; a late one goes at once. */
         int64_t due = start + (int64_t)((double)i * (double)NS_PER_SEC / opt.rate);

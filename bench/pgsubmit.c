@@ -16,7 +16,6 @@
 #include <getopt.h>
 #include <libpq-fe.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,8 +24,8 @@
 #include <sys/prctl.h>
 #include <time.h>
 
-#define NS_PER_SEC 1000000000LL
-#define NS_PER_US 1000LL
+#include "benchutil.h"
+
 #define MAX_CONNECTIONS 64
 #define WAIT_MS 30000 /* a submit that does not answer in this long is a failure */
 
@@ -47,38 +46,6 @@ typedef struct {
     job_t *job; /* in flight on this connection, or NULL */
 } link_t;
 
-static int64_t wall_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * NS_PER_SEC + ts.tv_nsec;
-}
-
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t len, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, len, fmt, ap);
-    va_end(ap);
-}
-
-/* libpq's messages span lines; ours are one line. Writes into buf (at least 1 byte). */
-static const char *one_line(const char *msg, char *buf, size_t len)
-{
-    size_t n = 0;
-    for (const char *p = msg ? msg : ""; *p && n < len - 1; p++) {
-        bool space = *p == ' ' || *p == '\n' || *p == '\t' || *p == '\r';
-        if (!space)
-            buf[n++] = *p;
-        else if (n > 0 && buf[n - 1] != ' ')
-            buf[n++] = ' ';
-    }
-    while (n > 0 && buf[n - 1] == ' ')
-        n--;
-    buf[n] = '\0';
-    return buf;
-}
-
 /* Copies s (NULL: ""), or returns NULL with err set. */
 static char *copy_text(const char *s, char *err, size_t errlen)
 {
@@ -92,22 +59,21 @@ static char *copy_text(const char *s, char *err, size_t errlen)
 static int take_result(link_t *l, PGresult *r, char *err, size_t errlen)
 {
     job_t *j = l->job;
-    char line[512];
     if (j->id) {
         set_err(err, errlen, "job %ld: a second result from its submit", j->i);
         return -1;
     }
-    j->returned_ns = wall_ns();
+    j->returned_ns = clock_ns(CLOCK_REALTIME);
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQnfields(r) == 3) {
         bool refused = !PQgetisnull(r, 0, 1);
         j->id = copy_text(refused ? "" : PQgetvalue(r, 0, 0), err, errlen);
         j->sqlstate = copy_text(refused ? PQgetvalue(r, 0, 1) : "", err, errlen);
-        j->message = copy_text(refused ? one_line(PQgetvalue(r, 0, 2), line, sizeof line) : "", err, errlen);
+        j->message = copy_text(refused ? one_line(PQgetvalue(r, 0, 2)) : "", err, errlen);
     } else if (st == PGRES_FATAL_ERROR || st == PGRES_NONFATAL_ERROR) {
         j->id = copy_text("", err, errlen);
         j->sqlstate = copy_text(PQresultErrorField(r, PG_DIAG_SQLSTATE), err, errlen);
-        j->message = copy_text(one_line(PQresultErrorMessage(r), line, sizeof line), err, errlen);
+        j->message = copy_text(one_line(PQresultErrorMessage(r)), err, errlen);
     } else {
         set_err(err, errlen, "job %ld: the submit answered %s with %d rows, wanted one row of 3 columns", j->i,
                 PQresStatus(st), st == PGRES_TUPLES_OK ? PQntuples(r) : 0);
@@ -120,10 +86,9 @@ static int take_result(link_t *l, PGresult *r, char *err, size_t errlen)
  * submit in flight is over, l->job is NULL again. */
 static int link_read(link_t *l, char *err, size_t errlen)
 {
-    char line[512];
     if (!PQconsumeInput(l->conn)) {
         set_err(err, errlen, "job %ld: connection lost: %s", l->job->i,
-                one_line(PQerrorMessage(l->conn), line, sizeof line));
+                one_line(PQerrorMessage(l->conn)));
         return -1;
     }
     while (!PQisBusy(l->conn)) {
@@ -193,7 +158,7 @@ int main(int argc, char **argv)
         usage();
 
     int rc = 1;
-    char err[1024] = "", line[512];
+    char err[1024] = "";
     link_t links[MAX_CONNECTIONS] = { { 0 } };
     size_t req_cap = strlen(opt.before) + strlen(opt.after) + 24;
     char *request = malloc(req_cap);
@@ -211,23 +176,23 @@ int main(int argc, char **argv)
         PGconn *c = links[k].conn = PQconnectdb(opt.dsn);
         if (!c || PQstatus(c) != CONNECTION_OK) {
             set_err(err, sizeof err, "cannot connect to %s: %s", opt.dsn,
-                    c ? one_line(PQerrorMessage(c), line, sizeof line) : "out of memory");
+                    c ? one_line(PQerrorMessage(c)) : "out of memory");
             goto done;
         }
         PGresult *r = PQprepare(c, "submit", SUBMIT_SQL, 2, NULL);
         bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
         if (!ok)
             set_err(err, sizeof err, "cannot prepare %s: %s", SUBMIT_SQL,
-                    one_line(r ? PQresultErrorMessage(r) : PQerrorMessage(c), line, sizeof line));
+                    one_line(r ? PQresultErrorMessage(r) : PQerrorMessage(c)));
         PQclear(r);
         if (!ok)
             goto done;
     }
 
-    int64_t start = wall_ns() + NS_PER_SEC / 100; /* 10 ms to settle in */
+    int64_t start = clock_ns(CLOCK_REALTIME) + NS_PER_SEC / 100; /* 10 ms to settle in */
     long next = 0, answered = 0;
     while (answered < opt.count) {
-        int64_t now = wall_ns();
+        int64_t now = clock_ns(CLOCK_REALTIME);
         /* Send every due job that has an idle connection to go on. */
         for (int k = 0; k < opt.connections && next < opt.count; k++) {
             job_t *j = &jobs[next];
@@ -239,15 +204,15 @@ int main(int argc, char **argv)
                 continue;
             snprintf(request, req_cap, "%s%ld%s", opt.before, next, opt.after);
             const char *params[2] = { request, opt.reply };
-            j->sent_ns = wall_ns();
+            j->sent_ns = clock_ns(CLOCK_REALTIME);
             if (!PQsendQueryPrepared(links[k].conn, "submit", 2, params, NULL, NULL, 0)) {
                 set_err(err, sizeof err, "job %ld: cannot send the submit: %s", next,
-                        one_line(PQerrorMessage(links[k].conn), line, sizeof line));
+                        one_line(PQerrorMessage(links[k].conn)));
                 goto done;
             }
             links[k].job = j;
             next++;
-            now = wall_ns();
+            now = clock_ns(CLOCK_REALTIME);
             k = -1; /* the next due job may take any idle connection */
         }
         /* Sleep until an answer arrives or the next job is due. */
