@@ -88,7 +88,10 @@ $(BUILD)/san/unit/%: tests/unit/%.c $(LIB_SRC) $(HEADERS)
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) $(SANFLAGS) -Isrc/gateway -Idaemon -o $@ $< $(LIB_SRC) $(LIBS) -lcmocka
 
-test: deps build ## run every suite: C unit (ASan+UBSan), fuzz (20 s each), pgTAP, integration
+# The benchmarks' C clients are compiled by `make test` too (warnings are errors), not run.
+BENCH_BINS := $(BUILD)/loadgen $(BUILD)/hopfloor $(BUILD)/pgsubmit
+
+test: deps build $(BENCH_BINS) ## run every suite: C unit (ASan+UBSan), fuzz (20 s each), pgTAP, integration
 	$(MAKE) --no-print-directory test-unit
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory test-sql
@@ -128,7 +131,7 @@ $(BUILD)/pgsubmit: bench/pgsubmit.c bench/benchutil.h
 	@mkdir -p $(@D)
 	$(CC) $(ALLCFLAGS) -o $@ bench/pgsubmit.c -lpq
 
-bench: deps $(BINARIES) $(BUILD)/loadgen $(BUILD)/hopfloor $(BUILD)/pgsubmit ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
+bench: deps $(BINARIES) $(BENCH_BINS) ## measure BENCHMARKS.md B1-B9 into bench/RESULTS.md (one: B=B4)
 	$(PYTHON) bench/run.py $(if $(B),--only "$(B)")
 bench-sqlcost: deps ## instructions a backend runs per call of exchange, submit_many and results (callgrind)
 	$(PYTHON) bench/sqlcost.py
