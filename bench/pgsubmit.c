@@ -55,6 +55,21 @@ static char *copy_text(const char *s, char *err, size_t errlen)
     return c;
 }
 
+/* When job i is due: open loop, start + i/R on the wall clock. */
+static int64_t due_ns(int64_t start, long i, double rate)
+{
+    return start + (int64_t)((double)i * (double)NS_PER_SEC / rate);
+}
+
+/* The first connection with nothing in flight, or NULL. */
+static link_t *first_idle(link_t *links, int n)
+{
+    for (int k = 0; k < n; k++)
+        if (!links[k].job)
+            return &links[k];
+    return NULL;
+}
+
 /* Records the answer to the job in flight on l. Returns 0, or -1 with err set. */
 static int take_result(link_t *l, PGresult *r, char *err, size_t errlen)
 {
@@ -194,26 +209,23 @@ int main(int argc, char **argv)
     while (answered < opt.count) {
         int64_t now = clock_ns(CLOCK_REALTIME);
         /* Send every due job that has an idle connection to go on. */
-        for (int k = 0; k < opt.connections && next < opt.count; k++) {
+        link_t *idle_link;
+        while (next < opt.count && due_ns(start, next, opt.rate) <= now &&
+               (idle_link = first_idle(links, opt.connections))) {
             job_t *j = &jobs[next];
             j->i = next;
-            j->due_ns = start + (int64_t)((double)next * (double)NS_PER_SEC / opt.rate);
-            if (j->due_ns > now)
-                break;
-            if (links[k].job)
-                continue;
+            j->due_ns = due_ns(start, next, opt.rate);
             snprintf(request, req_cap, "%s%ld%s", opt.before, next, opt.after);
             const char *params[2] = { request, opt.reply };
             j->sent_ns = clock_ns(CLOCK_REALTIME);
-            if (!PQsendQueryPrepared(links[k].conn, "submit", 2, params, NULL, NULL, 0)) {
+            if (!PQsendQueryPrepared(idle_link->conn, "submit", 2, params, NULL, NULL, 0)) {
                 set_err(err, sizeof err, "job %ld: cannot send the submit: %s", next,
-                        one_line(PQerrorMessage(links[k].conn)));
+                        one_line(PQerrorMessage(idle_link->conn)));
                 goto done;
             }
-            links[k].job = j;
+            idle_link->job = j;
             next++;
             now = clock_ns(CLOCK_REALTIME);
-            k = -1; /* the next due job may take any idle connection */
         }
         /* Sleep until an answer arrives or the next job is due. */
         struct pollfd pfd[MAX_CONNECTIONS];
@@ -228,7 +240,7 @@ int main(int argc, char **argv)
         }
         int64_t wait_ns = (int64_t)WAIT_MS * 1000 * NS_PER_US;
         if (next < opt.count && idle > 0) {
-            int64_t due = start + (int64_t)((double)next * (double)NS_PER_SEC / opt.rate);
+            int64_t due = due_ns(start, next, opt.rate);
             wait_ns = due > now ? due - now : 0;
         }
         struct timespec ts = { .tv_sec = (time_t)(wait_ns / NS_PER_SEC), .tv_nsec = (long)(wait_ns % NS_PER_SEC) };
