@@ -2,7 +2,7 @@
 -- settings and set_setting (capacity overrides are in capacity.sql).
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(86);
+SELECT plan(89);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -215,6 +215,16 @@ SELECT throws_ok($$SELECT dispatch.set_setting('lease_seconds', 1.5)$$, '22023',
                  'set_setting: a fraction where a whole number is needed');
 SELECT is(dispatch.set_setting('retry_factor', 2.5), 2.5, 'set_setting: retry_factor takes a fraction');
 SELECT is((SELECT value FROM dispatch.settings() WHERE key = 'lease_seconds'), 1::numeric, 'refused changes keep the old value');
+
+-- The one row a submit reads its settings from (018) follows every change: each key is
+-- a column holding the setting's value, and nothing else is.
+SELECT is((SELECT count(*) FROM dispatch.setting_values), 1::bigint, 'setting_values: one row');
+SELECT is_empty($$SELECT s.key FROM dispatch.settings s, dispatch.setting_values v
+                  WHERE (to_jsonb(v) ->> s.key)::numeric IS DISTINCT FROM s.value$$,
+                'setting_values: every setting, with the value set_setting gave it');
+SELECT is_empty($$SELECT k FROM dispatch.setting_values v, jsonb_object_keys(to_jsonb(v)) k
+                  WHERE k NOT IN (SELECT key FROM dispatch.settings)$$,
+                'setting_values: no column that is not a setting');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -5,7 +5,7 @@
 -- notifications).
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(34);
+SELECT plan(35);
 
 SELECT is(dispatch.enroll('gpu-a'), 'dispatch_node_gpu_a', 'enroll gpu-a');
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
@@ -67,6 +67,13 @@ SELECT pg_temp.settle_all();
 
 SELECT is(pg_temp.states(pg_temp.submit('[{"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}]')),
     'leased,leased', 'a batch that fits the free slots goes to the node whole');
+SELECT pg_temp.settle_all();
+CREATE TEMP TABLE pushed_pair AS
+SELECT s.id, s.idx FROM unnest(pg_temp.submit('[{"model": "m1", "payload": {"n": 1}}, {"model": "m1", "payload": {"n": 2}}]'))
+                        WITH ORDINALITY AS s(id, idx);
+SELECT is((SELECT string_agg(j.state || ' ' || (j.payload->>'n'), ',' ORDER BY p.idx)
+           FROM pushed_pair p JOIN dispatch.jobs j ON j.id = p.id),
+    'leased 1,leased 2', 'a pushed batch: each element gets the id of the job that holds its payload');
 SELECT pg_temp.settle_all();
 SELECT is(pg_temp.states(pg_temp.submit(
     '[{"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}, {"model": "m1", "payload": {}}]')),
