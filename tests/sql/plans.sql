@@ -8,7 +8,7 @@
 -- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(17);
+SELECT plan(19);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -72,11 +72,18 @@ END
 $$;
 RESET SESSION AUTHORIZATION;
 
--- The table grows by 20,000 finished and 2,000 queued jobs, not analysed.
+-- The table grows by 20,000 finished and 2,000 queued jobs, not analysed, and another
+-- node takes 2,000 leases.
 INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, state, result, finished_at)
 SELECT 'm1', '/v1/chat/completions', '{}', 3, 'succeeded', '{}', now() FROM generate_series(1, 20000);
 INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts)
 SELECT 'm1', '/v1/chat/completions', '{}', 3 FROM generate_series(1, 2000);
+SELECT is(dispatch.enroll('gpu-b'), 'dispatch_node_gpu_b', 'enroll gpu-b');
+INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, state, attempt, leased_by, lease_expires_at,
+                           started_at)
+SELECT 'm1', '/v1/chat/completions', '{}', 3, 'leased', 1, (SELECT id FROM dispatch.nodes WHERE name = 'gpu-b'),
+       now() + interval '1 hour', now()
+FROM generate_series(1, 2000);
 
 -- Sequential scans of dispatch.jobs, and rows read from it so far in this transaction:
 -- rows returned by its sequential and bitmap scans plus entries returned by its indexes
@@ -117,6 +124,11 @@ SELECT count(*) FROM dispatch.exchange(current_setting('pgd_test.outs')::json, 5
 RESET SESSION AUTHORIZATION;
 SELECT is((pg_temp.since('exchange')).scans, 0::bigint, 'exchange: no sequential scan of the grown table');
 SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 10000::bigint, 'exchange: reads a fraction of the table');
+-- Planned on three jobs, the settlement joins its outcomes with every lease (gpu-b's
+-- 2,000 once); the expired-lease probe and the count of gpu-a's own leases read only
+-- their index ranges (019; before it each read one of the two indexes whole: 4,049).
+SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 2500::bigint,
+              'exchange: reads the other node''s 2,000 leases at most once');
 
 SELECT pg_temp.mark('stream') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
