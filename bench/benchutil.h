@@ -1,6 +1,6 @@
 /* benchutil.h: what the benchmarks' libpq clients (hopfloor, pgsubmit) share: clock
- * readings in nanoseconds, an error message written into the caller's buffer, and
- * libpq's multi-line messages folded to one line. Each program is one C file that
+ * readings in nanoseconds, the open-loop schedule, an error message written into the
+ * caller's buffer, and libpq's multi-line messages folded to one line. Each program is one C file that
  * includes this header; everything here is static. */
 #ifndef PGD_BENCHUTIL_H
 #define PGD_BENCHUTIL_H
@@ -19,6 +19,12 @@ static inline int64_t clock_ns(clockid_t clock)
     struct timespec ts;
     clock_gettime(clock, &ts);
     return (int64_t)ts.tv_sec * NS_PER_SEC + ts.tv_nsec;
+}
+
+/* Open loop: request i is due at start + i/rate, whenever the ones before it answer. */
+static inline int64_t due_ns(int64_t start, long i, double rate)
+{
+    return start + (int64_t)((double)i * (double)NS_PER_SEC / rate);
 }
 
 __attribute__((format(printf, 3, 4))) static inline void set_err(char *err, size_t len, const char *fmt, ...)

@@ -446,8 +446,8 @@ int main(int argc, char **argv)
 
     int64_t start = clock_ns(CLOCK_MONOTONIC);
     for (long i = 1; i <= opt.count; i++) {
-        /* Open loop: request i is due at start + i/R; a late one goes at once. */
-        int64_t due = start + (int64_t)((double)i * (double)NS_PER_SEC / opt.rate);
+        /* A late request goes at once. */
+        int64_t due = due_ns(start, i, opt.rate);
         struct timespec ts = { .tv_sec = (time_t)(due / NS_PER_SEC), .tv_nsec = (long)(due % NS_PER_SEC) };
         int e;
         while ((e = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL)) == EINTR) {

@@ -55,12 +55,6 @@ static char *copy_text(const char *s, char *err, size_t errlen)
     return c;
 }
 
-/* When job i is due: open loop, start + i/R on the wall clock. */
-static int64_t due_ns(int64_t start, long i, double rate)
-{
-    return start + (int64_t)((double)i * (double)NS_PER_SEC / rate);
-}
-
 /* The first connection with nothing in flight, or NULL. */
 static link_t *first_idle(link_t *links, int n)
 {
