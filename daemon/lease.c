@@ -11,8 +11,9 @@
 #include <string.h>
 
 const char LEASE_SQL_REGISTER[] =
-    "SELECT node_id, node_name, node_channel, array_to_string(model_channels, ',') "
-    "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb, $6::json)";
+    "SELECT r.node_id, r.node_name, r.node_channel, array_to_string(r.model_channels, ','), "
+    "(SELECT string_agg(concat(e->>'id', ':', e->>'attempt'), ',') FROM json_array_elements(r.stale_holding) e) "
+    "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb, $6::json) AS r";
 const char LEASE_SQL_EXCHANGE[] =
     "SELECT kind, id, attempt, model, endpoint, payload, "
     "(extract(epoch FROM deadline - now()) * 1000)::bigint, "
@@ -399,6 +400,29 @@ bool lease_push_parse(char *text, lease_row_t *out, char *model, size_t model_ca
     out->payload = p + model_len;
     out->payload_len = rest - (size_t)model_len;
     out->kind = LEASE_ROW_JOB;
+    return true;
+}
+
+bool lease_pair_next(const char **cursor, int64_t *id, int32_t *attempt)
+{
+    const char *p = *cursor;
+    char *end;
+    long long i;
+    long a;
+
+    if (p == NULL || *p == '\0')
+        return false;
+    errno = 0;
+    i = strtoll(p, &end, 10);
+    if (end == p || *end != ':' || errno != 0 || i <= 0)
+        return false;
+    p = end + 1;
+    a = strtol(p, &end, 10);
+    if (end == p || (*end != ',' && *end != '\0') || errno != 0 || a < 0 || a > INT32_MAX)
+        return false;
+    *id = (int64_t)i;
+    *attempt = (int32_t)a;
+    *cursor = *end == ',' ? end + 1 : end;
     return true;
 }
 

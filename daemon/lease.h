@@ -126,6 +126,11 @@ bool lease_row_parse(const PGresult *res, int i, lease_row_t *out);
  * text is not such a message. */
 bool lease_push_parse(char *text, lease_row_t *out, char *model, size_t model_cap);
 
+/* Reads the next "<id>:<attempt>" of a comma-separated list (register's stale_holding
+ * as LEASE_SQL_REGISTER writes it) and moves *cursor past it. False at the end of the
+ * list or at anything else. */
+bool lease_pair_next(const char **cursor, int64_t *id, int32_t *attempt);
+
 /* Whether a wake notification on a model channel is for this node: its payload is
  * empty (every node serving the model) or a comma-separated list of node ids. A
  * payload that is not such a list wakes every node: waking too many is only cost. */

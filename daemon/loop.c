@@ -808,6 +808,37 @@ static bool error_is_connection(const PGconn *conn, const char *sqlstate)
 
 /* ------------------------------------------------------------------ database: results */
 
+/* An attempt this daemon no longer answers for (a stream that cannot be relayed, a
+ * lease register says is gone): its transfer stops, its waiting pieces and any
+ * outcome not yet sent are dropped. */
+static void forget_attempt(daemon_t *d, int64_t id, int32_t attempt)
+{
+    provider_abort_job(d->prov, id, attempt);
+    lease_outbox_drop_job(&d->chunks, id, attempt);
+    lease_outbox_drop_job(&d->outbox, id, attempt);
+}
+
+/* The held attempts register says are not this node's leases. After a database crash
+ * a lost job's id can come round as another client's job, pushed or leased to this
+ * node as the same attempt: its old answer must not settle that one, so it goes now,
+ * before this session leases or takes pushes. */
+static void drop_stale_holding(daemon_t *d, const char *list)
+{
+    const char *cursor = list;
+    int64_t id;
+    int32_t attempt;
+    char q[200];
+
+    while (lease_pair_next(&cursor, &id, &attempt)) {
+        log_warn("lease_gone", "job=%" PRId64 " attempt=%d next=drop_transfer_and_result "
+                 "reason=\"no longer this node's lease after reconnecting (lost in a database crash, "
+                 "or taken back while away)\"", id, attempt);
+        forget_attempt(d, id, attempt);
+    }
+    if (*cursor != '\0')
+        log_error("register_stale_unreadable", "rest=%s next=continue", log_quote(q, sizeof q, cursor));
+}
+
 static void on_register_result(daemon_t *d, const PGresult *res, const char *sqlstate, const char *err)
 {
     char q[600];
@@ -851,6 +882,8 @@ static void on_register_result(daemon_t *d, const PGresult *res, const char *sql
     d->channels = strdup(PQgetvalue(res, 0, 3));
     d->db_healthy = true;            /* register marks the node healthy */
     d->db_capacity = d->sent_capacity;
+    if (PQnfields(res) > 4 && !PQgetisnull(res, 0, 4))
+        drop_stale_holding(d, PQgetvalue(res, 0, 4));
 }
 
 /* Times in the row count from the database's now(), which lies before receiving it.
@@ -985,15 +1018,6 @@ static void on_extend_result(daemon_t *d, const PGresult *res, const char *sqlst
     }
 }
 
-/* A streaming attempt that can no longer be relayed: its transfer stops, its waiting
- * pieces and any outcome not yet sent are dropped. */
-static void stream_forget(daemon_t *d, int64_t id, int32_t attempt)
-{
-    provider_abort_job(d->prov, id, attempt);
-    lease_outbox_drop_job(&d->chunks, id, attempt);
-    lease_outbox_drop_job(&d->outbox, id, attempt);
-}
-
 static void on_stream_result(daemon_t *d, const PGresult *res, const char *sqlstate, const char *err)
 {
     char q[600];
@@ -1039,7 +1063,7 @@ static void on_stream_result(daemon_t *d, const PGresult *res, const char *sqlst
             job_t gone = { 0 };
             gone.id = ids[i];
             gone.attempt = attempts[i];
-            stream_forget(d, gone.id, gone.attempt);
+            forget_attempt(d, gone.id, gone.attempt);
             queue_error(d, &gone, "stream_broken", "the control plane refused the stream's chunks", false);
         }
         free(ids);
@@ -1058,7 +1082,7 @@ static void on_stream_result(daemon_t *d, const PGresult *res, const char *sqlst
             continue;
         log_info("stream_refused", "job=%" PRId64 " attempt=%d next=abort_transfer "
                  "reason=\"the attempt no longer holds its lease (cancelled or taken back)\"", id, attempt);
-        stream_forget(d, id, attempt);
+        forget_attempt(d, id, attempt);
     }
 }
 

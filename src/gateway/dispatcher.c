@@ -62,6 +62,7 @@ typedef struct {
     call_t **calls;
     size_t ncalls, calls_cap;
     idvec_t ids;
+    idvec_t created;         /* OP_CANCELS: each id's created_us, in the order of ids */
     const char *reason;      /* OP_CANCELS */
     bool async_channel;      /* OP_SUBMIT: the batch went to the jobs channel */
     bool no_flush;           /* OP_SUBMIT: committed without waiting for the disk */
@@ -76,6 +77,7 @@ typedef struct {
 
 typedef struct {
     int64_t id;
+    int64_t created_us;      /* the waiter's created_us: 0 when its job was stored on disk */
     const char *reason;      /* static */
     bool solo;               /* its batch failed as a whole: send it alone */
 } cancel_t;
@@ -169,8 +171,13 @@ static const char SQL_RESULTS[] =
     "extract(epoch FROM started_at - created_at)::float8, extract(epoch FROM finished_at - created_at)::float8, "
     "(extract(epoch FROM created_at) * 1000000)::bigint "
     "FROM dispatch.results($1::bigint[])";
+/* A job stored without waiting for the disk is cancelled only while its id still names
+ * it (the same created_at): after a crash of PostgreSQL the id can come round again as
+ * another client's job. */
 static const char SQL_CANCELS[] =
-    "SELECT count(*) FROM (SELECT dispatch.cancel(id, $2) FROM unnest($1::bigint[]) AS id) c";
+    "SELECT count(*) FROM (SELECT dispatch.cancel(c.id, $3) FROM unnest($1::bigint[], $2::bigint[]) AS c(id, created_us) "
+    "WHERE c.created_us = 0 OR EXISTS (SELECT 1 FROM dispatch.results(ARRAY[c.id]) r "
+    "WHERE r.created_at = timestamptz 'epoch' + c.created_us * interval '1 microsecond')) x";
 static const char SQL_CANCEL_ONE[] = "SELECT dispatch.cancel($1::bigint, 'cancelled by client')";
 static const char SQL_MODELS[] =
     "SELECT json_build_object('object', 'list', 'data', coalesce(json_agg(json_build_object("
@@ -371,7 +378,7 @@ void dispatcher_enqueue(dispatcher_t *d, call_t *c)
     dispatcher_wake(d);
 }
 
-void dispatcher_cancel_job(dispatcher_t *d, int64_t id, const char *reason)
+void dispatcher_cancel_job(dispatcher_t *d, int64_t id, int64_t created_us, const char *reason)
 {
     pthread_mutex_lock(&d->mu);
     if (!d->exited) {
@@ -385,7 +392,7 @@ void dispatcher_cancel_job(dispatcher_t *d, int64_t id, const char *reason)
             }
         }
         if (d->inbox_ncancels < d->inbox_cancels_cap)
-            d->inbox_cancels[d->inbox_ncancels++] = (cancel_t){id, reason, false};
+            d->inbox_cancels[d->inbox_ncancels++] = (cancel_t){id, created_us, reason, false};
     }
     pthread_mutex_unlock(&d->mu);
     dispatcher_wake(d);
@@ -414,7 +421,7 @@ const char *dispatcher_reply_channel(const dispatcher_t *d)
 
 /* ---- cancels, stuck queues, key cache ---------------------------------------- */
 
-static void dispatcher_push_cancel(dispatcher_t *d, int64_t id, const char *reason, bool solo)
+static void dispatcher_push_cancel(dispatcher_t *d, int64_t id, int64_t created_us, const char *reason, bool solo)
 {
     if (id <= 0)
         return;
@@ -429,7 +436,7 @@ static void dispatcher_push_cancel(dispatcher_t *d, int64_t id, const char *reas
         d->cancels = p;
         d->cancels_cap = cap;
     }
-    d->cancels[d->ncancels++] = (cancel_t){id, reason, solo};
+    d->cancels[d->ncancels++] = (cancel_t){id, created_us, reason, solo};
 }
 
 /* Replace the set of stuck models, logging one line per model that enters or
@@ -616,7 +623,7 @@ static void dispatcher_intake(dispatcher_t *d, int64_t now)
     pthread_mutex_unlock(&d->mu);
 
     for (size_t i = 0; i < ncancels; i++)
-        dispatcher_push_cancel(d, cancels[i].id, cancels[i].reason, false);
+        dispatcher_push_cancel(d, cancels[i].id, cancels[i].created_us, cancels[i].reason, false);
     free(cancels);
 
     while ((c = queue_pop(&in)) != NULL) {
@@ -644,6 +651,7 @@ static void worker_reset(worker_t *w)
     w->op = OP_IDLE;
     w->ncalls = 0;
     w->ids.n = 0;
+    w->created.n = 0;
     w->reason = NULL;
     w->async_channel = false;
     w->flushing = false;
@@ -758,40 +766,67 @@ static void dispatcher_start_results(dispatcher_t *d, worker_t *w)
     buf_free(&b);
 }
 
+static int cancel_cmp_id(const void *a, const void *b)
+{
+    int64_t x = ((const cancel_t *)a)->id, y = ((const cancel_t *)b)->id;
+
+    return x < y ? -1 : x > y;
+}
+
 static void dispatcher_start_cancels(dispatcher_t *d, worker_t *w)
 {
-    buf_t b = BUF_INIT;
-    const char *values[2];
+    buf_t ids = BUF_INIT, created = BUF_INIT;
+    const char *values[3];
     size_t taken = 0, kept = 0;
     bool solo = d->cancels[0].solo;
+    const char *reason = d->cancels[0].reason;
+    bool ok = true;
 
     worker_reset(w);
     w->op = OP_CANCELS;
-    w->reason = d->cancels[0].reason;
+    w->reason = reason;
+    /* The batch moves to the front of the array, the rest after it. */
     for (size_t i = 0; i < d->ncancels; i++) {
-        cancel_t *x = &d->cancels[i];
-        bool take = taken < (solo ? 1u : CANCELS_MAX_IDS) && x->reason == w->reason && x->solo == solo;
+        cancel_t x = d->cancels[i];
+        bool take = taken < (solo ? 1u : CANCELS_MAX_IDS) && x.reason == reason && x.solo == solo;
 
-        if (take && worker_add_id(w, x->id))
-            taken++;
-        else
-            d->cancels[kept++] = *x;
+        if (take) {
+            memmove(&d->cancels[taken + 1], &d->cancels[taken], (i - taken) * sizeof x);
+            d->cancels[taken++] = x;
+        }
     }
-    d->ncancels = kept;
     /* In id order, the order in which a daemon's exchange locks the jobs it settles:
      * a batch of cancels and a settle that share jobs cannot deadlock. */
-    w->ids.n = batch_unique_ids(w->ids.v, w->ids.n);
-    batch_ids_literal(&b, w->ids.v, w->ids.n);
-    values[0] = b.data;
-    values[1] = w->reason;
-    if (b.oom) {
-        buf_free(&b);
+    qsort(d->cancels, taken, sizeof *d->cancels, cancel_cmp_id);
+    for (size_t i = 0; i < taken; i++) {
+        if (i > 0 && d->cancels[i].id == d->cancels[i - 1].id)
+            continue;
+        ok = ok && worker_add_id(w, d->cancels[i].id) && idvec_push(&w->created, d->cancels[i].created_us);
+    }
+    if (!ok) {
+        worker_reset(w);
+        return;                  /* out of memory: the cancels stay queued */
+    }
+    for (size_t i = taken; i < d->ncancels; i++)
+        d->cancels[kept++] = d->cancels[i];
+    d->ncancels = kept;
+    batch_ids_literal(&ids, w->ids.v, w->ids.n);
+    batch_ids_literal(&created, w->created.v, w->created.n);
+    values[0] = ids.data;
+    values[1] = created.data;
+    values[2] = w->reason;
+    if (ids.oom || created.oom) {
+        buf_free(&ids);
+        buf_free(&created);
+        for (size_t i = 0; i < w->ids.n; i++)
+            dispatcher_push_cancel(d, w->ids.v[i], w->created.v[i], w->reason, solo);
         worker_reset(w);
         return;
     }
     log_debug("cancel_sent", "jobs=%zu reason=\"%s\"", w->ids.n, w->reason);
-    worker_send(d, w, SQL_CANCELS, 2, values);
-    buf_free(&b);
+    worker_send(d, w, SQL_CANCELS, 3, values);
+    buf_free(&ids);
+    buf_free(&created);
 }
 
 static void dispatcher_start_call(dispatcher_t *d, worker_t *w)
@@ -997,7 +1032,7 @@ static void dispatcher_stream_fail(dispatcher_t *d, call_t *sh, const char *canc
     vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
     if (cancel_reason)
-        dispatcher_push_cancel(d, sh->job_id, cancel_reason, false);
+        dispatcher_push_cancel(d, sh->job_id, sh->created_us, cancel_reason, false);
     log_info("stream_failed", "job=%lld code=%s message=%s next=\"error event sent, stream closed%s\"",
              (long long)sh->job_id, code, log_quote(q, sizeof q, message), cancel_reason ? ", job cancelled" : "");
     stream_frame_error(&b, message, type, code);
@@ -1059,7 +1094,7 @@ static call_t *dispatcher_stream_begin(dispatcher_t *d, call_t *c, const buf_t *
     sh->deadline_ms = c->deadline_ms;
     sh->client_fd = c->client_fd;
     if (first->oom || !stream_push(st, first->data, first->len) || !dispatcher_add_waiter(d, sh)) {
-        dispatcher_push_cancel(d, c->job_id, "gateway out of memory", false);
+        dispatcher_push_cancel(d, c->job_id, c->created_us, "gateway out of memory", false);
         c->job_final = true;
         dispatcher_answer_error(d, c, 500, "internal_error", "out of memory");
         return NULL;
@@ -1114,7 +1149,7 @@ static void dispatcher_stream_piece(dispatcher_t *d, call_t *c, uint32_t seq, bo
             log_warn("stream_client_behind", "job=%lld behind_bytes_max=%u next=\"closing the stream, cancelling the "
                                              "job\"",
                      (long long)c->job_id, STREAM_MAX_OUT_BYTES);
-            dispatcher_push_cancel(d, c->job_id, "client did not read the stream", false);
+            dispatcher_push_cancel(d, c->job_id, c->created_us, "client did not read the stream", false);
             dispatcher_stream_close(d, c, NULL, true, "error");
             c = NULL;
         }
@@ -1327,7 +1362,7 @@ static void dispatcher_finish_submit(dispatcher_t *d, worker_t *w, PGresult *res
         }
         c->deadline_ms = now + c->timeout_ms;
         if (!dispatcher_add_waiter(d, c)) {
-            dispatcher_push_cancel(d, c->job_id, "gateway out of memory", false);
+            dispatcher_push_cancel(d, c->job_id, c->created_us, "gateway out of memory", false);
             c->job_final = true;
             dispatcher_answer_error(d, c, 500, "internal_error", "out of memory");
             continue;
@@ -1503,12 +1538,12 @@ static void dispatcher_finish_cancels(dispatcher_t *d, worker_t *w, PGresult *re
         return;
     if (lost || db_sqlstate_session_lost(sqlstate)) {
         for (size_t i = 0; i < w->ids.n; i++)
-            dispatcher_push_cancel(d, w->ids.v[i], w->reason, false);
+            dispatcher_push_cancel(d, w->ids.v[i], w->created.v[i], w->reason, false);
         return;
     }
     if (w->ids.n > 1) {
         for (size_t i = 0; i < w->ids.n; i++)
-            dispatcher_push_cancel(d, w->ids.v[i], w->reason, true);
+            dispatcher_push_cancel(d, w->ids.v[i], w->created.v[i], w->reason, true);
         return;
     }
     log_warn("cancel_failed", "job=%lld reason=\"%s\" error=%s", (long long)(w->ids.n ? w->ids.v[0] : 0),
@@ -1925,7 +1960,7 @@ static int64_t dispatcher_timers(dispatcher_t *d, int64_t now)
         }
         if (c->kind == CALL_SUBMIT && c->deadline_ms && now >= c->deadline_ms) {
             dispatcher_remove_waiter(d, c);
-            dispatcher_push_cancel(d, c->job_id, "deadline", false);
+            dispatcher_push_cancel(d, c->job_id, c->created_us, "deadline", false);
             c->job_final = true;
             errors_reply(&c->reply, 504, "deadline_exceeded",
                          "job %lld did not finish within %.3g s (X-Request-Timeout); it was cancelled",
@@ -1944,14 +1979,14 @@ static int64_t dispatcher_timers(dispatcher_t *d, int64_t now)
 static void dispatcher_client_gone(dispatcher_t *d, call_t *c)
 {
     if (c->kind == CALL_STREAM) {
-        dispatcher_push_cancel(d, c->job_id, "client went away", false);
+        dispatcher_push_cancel(d, c->job_id, c->created_us, "client went away", false);
         log_info("client_went_away", "job=%lld stream=true next=\"cancelling the job\"", (long long)c->job_id);
         dispatcher_stream_close(d, c, NULL, true, "client_gone");
         return;
     }
     dispatcher_remove_waiter(d, c);
     if (c->kind == CALL_SUBMIT) {
-        dispatcher_push_cancel(d, c->job_id, "client went away", false);
+        dispatcher_push_cancel(d, c->job_id, c->created_us, "client went away", false);
         c->job_final = true;
         log_info("client_went_away", "job=%lld next=\"cancelling the job\"", (long long)c->job_id);
     }
@@ -1979,7 +2014,7 @@ static bool dispatcher_stopping(dispatcher_t *d, int64_t now)
         }
         dispatcher_remove_waiter(d, c);
         if (c->kind == CALL_SUBMIT) {
-            dispatcher_push_cancel(d, c->job_id, "gateway shutting down", false);
+            dispatcher_push_cancel(d, c->job_id, c->created_us, "gateway shutting down", false);
             c->job_final = true;
         }
         dispatcher_answer_error(d, c, 503, "shutting_down", MSG_SHUTTING_DOWN);
@@ -2212,6 +2247,7 @@ void dispatcher_free(dispatcher_t *d)
         worker_reset(&d->workers[i]);
         free(d->workers[i].calls);
         free(d->workers[i].ids.v);
+        free(d->workers[i].created.v);
     }
     free(d->workers);
     for (size_t i = 0; i < d->nstuck; i++)

@@ -37,8 +37,10 @@ int dispatcher_start(dispatcher_t *d, char *err, size_t errlen);
  * the call comes back exactly once through c->resume, possibly before this returns. */
 void dispatcher_enqueue(dispatcher_t *d, call_t *c);
 
-/* Ask for dispatch.cancel(id, reason) (thread-safe; reason must be a static string). */
-void dispatcher_cancel_job(dispatcher_t *d, int64_t id, const char *reason);
+/* Ask for dispatch.cancel(id, reason) (thread-safe; reason must be a static string).
+ * created_us is the call's: a job stored without waiting for the disk is cancelled only
+ * while its id still names it (0: stored on disk, no such check). */
+void dispatcher_cancel_job(dispatcher_t *d, int64_t id, int64_t created_us, const char *reason);
 
 /* Connected and listening: new requests can be served (thread-safe). */
 bool dispatcher_db_ready(const dispatcher_t *d);

@@ -766,7 +766,7 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
      * again: the job must not be left running for nobody. */
     if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && rq->handed_over && rq->call.kind == CALL_SUBMIT &&
         rq->call.job_id > 0 && !rq->call.job_final)
-        dispatcher_cancel_job(rq->server->opt.dispatcher, rq->call.job_id, "client went away");
+        dispatcher_cancel_job(rq->server->opt.dispatcher, rq->call.job_id, rq->call.created_us, "client went away");
     metrics_request_done(http_routes[rq->route].label, status, seconds);
     if (log_enabled(LOG_DEBUG))
         log_debug("request", "endpoint=%s status=%d ms=%.3f job=%lld", http_routes[rq->route].label, status,

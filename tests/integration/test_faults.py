@@ -20,6 +20,7 @@ Definitions used by every scenario:
 `make test-long` sets PGD_FAULTS_LONG=1: longer load, repeated outages, 60 s of
 overload, against the release builds (so peak RSS means something)."""
 import collections
+import contextlib
 import datetime
 import http.client
 import json
@@ -27,6 +28,7 @@ import re
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -663,6 +665,121 @@ def test_postgres_stopped_under_load(pg, fdb, procs, mode):
     assert "db_connection_lost" in out and "reregistered" in out
 
 
+@contextlib.contextmanager
+def crash_after(db):
+    """Whatever commits inside the block without waiting for the disk is lost: a
+    checkpoint first (so that the next id's sequence advance is logged anew), then the
+    WAL writer is stopped, so nothing writes the log of such a commit (nothing in
+    these tests commits durably meanwhile); killing it at the end is a crash, and the
+    server restarts and recovers without those commits."""
+    db.sql("CHECKPOINT")
+    walwriter = db.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
+    os.kill(walwriter, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(walwriter, signal.SIGKILL)
+    wait_for(lambda: db_answers(db), 60, interval=0.1, what="PostgreSQL back after the crash")
+
+
+def db_answers(db):
+    try:
+        return db.one("SELECT 1") == 1
+    except psycopg.Error:
+        return False
+
+
+def job_of(db, marker):
+    return db.one("SELECT id FROM dispatch.jobs WHERE payload->>'user' = %s", (marker,))
+
+
+def test_postgres_crash_loses_a_running_job_whose_id_comes_round(pg, fdb, procs):
+    """A waiting request's submit commits without waiting for the disk, and the job is
+    pushed to the daemon at once. A crash before the log is written loses the job
+    while the provider runs it, and with it the sequence's advance: the next submit
+    gets the same id, pushed to the same node as attempt 1 again. The lost job's
+    answer must not settle the new one (it is another client's answer)."""
+    db = fdb
+    fake = Fake(procs, latency_ms=4000)
+    daemon, _ = start_daemon(procs, db, "n1", fake, 4)
+    port, gw = start_gateway(procs, db, "gw")
+    pool = ThreadPoolExecutor(max_workers=2)
+    with crash_after(db):
+        first = new_marker("crashlost")
+        first_call = pool.submit(post_chat, port, first, 30)
+        wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10, what="the provider running the first request")
+        lost_id = job_of(db, first)
+    assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
+    wait_for(lambda: node(db, "n1").get("live"), 30, what="the daemon registered again")
+    wait_for(lambda: http_get("http://127.0.0.1:%d/readyz" % port)[0] == 200, 30, what="the gateway ready again")
+    second = new_marker("crashreused")
+    second_call = pool.submit(post_chat, port, second, 30)
+    wait_for(lambda: job_of(db, second) is not None, 10, what="the second request's job")
+    reused = job_of(db, second)
+    assert reused == lost_id, "the id did not come round (%s, lost %s): the scenario did not happen" % (
+        reused, lost_id)
+    a, b = first_call.result(40), second_call.result(40)
+    pool.shutdown()
+    settle(db, 15)
+    state, attempt, result = db.sql("SELECT state, attempt, result::text FROM dispatch.jobs WHERE id = %s",
+                                    (reused,))[0]
+    c = account(db, [fake], [b])
+    record("PostgreSQL crash loses a pushed job the provider is running; its id comes round as the next job", c,
+           "-", "first client: %s %s; second client: %s; job %d: %s, attempt %d" % (
+               a.status, a.code or "", b.status, reused, state, attempt))
+    assert b.status == 200, (b.status, b.body[:300])
+    content = json.loads(b.body)["choices"][0]["message"]["content"]
+    assert second in content and first not in content, ("the second client got the lost job's answer", content)
+    assert second in result and first not in result, ("the new job holds the lost job's answer", result)
+    assert a.status == 503 and a.code == "database_unavailable", (a.status, a.body[:300])
+    assert_counts(c, [b])
+    assert "event=lease_gone job=%d attempt=1" % lost_id in daemon.output()
+
+
+def test_postgres_crash_then_the_lost_jobs_client_leaves(pg, fdb, procs):
+    """The same crash; the lost job's client hangs up while the gateway cannot reach
+    the database, and another job gets the id before the gateway is back. The gateway's
+    cancel of the lost job must not cancel that one."""
+    db = fdb
+    fake = Fake(procs, latency_ms=3000)
+    start_daemon(procs, db, "n1", fake, 4)
+    port, gw = start_gateway(procs, db, "gw", "--log-level", "debug")
+    # The gateway's sessions live on; after the crash it cannot log in again until the
+    # other job exists.
+    db.sql("ALTER ROLE %s NOLOGIN" % GATEWAY_ROLE)
+    try:
+        first = new_marker("cancellost")
+        body = json.dumps(chat_body(first)).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        with crash_after(db):
+            client.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % (CHAT.encode(), len(body)) + body)
+            wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10,
+                     what="the provider running the first request")
+            lost_id = job_of(db, first)
+        assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
+        client.close()
+        wait_for(lambda: "event=client_went_away job=%d " % lost_id in gw.output(), 10,
+                 what="the gateway seeing the client leave")
+        wait_for(lambda: node(db, "n1").get("live"), 30, what="the daemon registered again")
+        other = new_marker("cancelreused")
+        reused = db.one("SELECT dispatch.submit('demo', '/v1/chat/completions', %s::json)",
+                        (json.dumps(chat_body(other)),))
+        assert reused == lost_id, "the id did not come round (%s, lost %s): the scenario did not happen" % (
+            reused, lost_id)
+    finally:
+        db.sql("ALTER ROLE %s LOGIN" % GATEWAY_ROLE)
+    wait_for(lambda: "event=cancel_sent" in gw.output(), 30, what="the gateway sending its cancel")
+    settle(db, 15)
+    state, result = db.sql("SELECT state, result::text FROM dispatch.jobs WHERE id = %s", (reused,))[0]
+    c = account(db, [fake])
+    record("PostgreSQL crash loses a pushed job; its client leaves while the gateway is away; the id comes round",
+           c, "-", "job %d: %s (the gateway's cancel of the lost job sent after the new job existed)" % (
+               reused, state))
+    assert state == "succeeded" and other in result, ("the cancel of the lost job reached the new one", state)
+    assert_counts(c)
+
+
 # ---------------------------------------------------------------------------- 4. network cut
 
 def _iptables(action, port):
@@ -930,6 +1047,8 @@ def test_two_daemons_with_the_same_identity(fdb, procs):
 
 
 _SCENARIO_TESTS = ("test_kill9_daemon_under_load", "test_kill9_gateway_with_waiters",
-                   "test_postgres_stopped_under_load", "test_network_cut_between_daemon_and_postgres",
+                   "test_postgres_stopped_under_load", "test_postgres_crash_loses_a_running_job_whose_id_comes_round",
+                   "test_postgres_crash_then_the_lost_jobs_client_leaves",
+                   "test_network_cut_between_daemon_and_postgres",
                    "test_provider_faults", "test_overload_three_times_capacity",
                    "test_two_daemons_with_the_same_identity")

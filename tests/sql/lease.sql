@@ -2,7 +2,7 @@
 -- Identity from the session, ordering, slots, served models, admin state and health.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(115);
+SELECT plan(122);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -311,6 +311,43 @@ SET SESSION AUTHORIZATION dispatch_node_gpu_h;
 SELECT lives_ok($$SELECT * FROM dispatch.register('fake', ARRAY['m1'], 4)$$, 'register without holding');
 RESET SESSION AUTHORIZATION;
 SELECT is((SELECT state FROM dispatch.jobs WHERE id = :k1), 'leased', 'register without holding takes nothing back');
+
+-- register(p_holding) also answers which held pairs are not this node's leases: after a
+-- database crash a lost job's id can come round as another job (020).
+INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, state, attempt, leased_by, lease_expires_at)
+VALUES ('m1', '/v1/chat/completions', '{}', 3, 'leased', 1, (SELECT id FROM dispatch.nodes WHERE name = 'gpu-a'),
+        now() + interval '1 min')
+RETURNING id AS k4 \gset
+UPDATE dispatch.nodes SET push_pid = pg_backend_pid() + 1 WHERE id = :node_h;
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+CREATE TEMP TABLE stale AS
+SELECT stale_holding FROM dispatch.register('fake', ARRAY['m1'], 4, p_holding => format(
+    '[{"id":%s,"attempt":1},{"id":%s,"attempt":2},{"id":%s,"attempt":1},{"id":%s,"attempt":1},{"id":%s,"attempt":1},{"id":-5,"attempt":1}]',
+    :k1, :k1, :k2, :k3, :k4)::json);
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT stale_holding::jsonb FROM stale), format(
+    '[{"id":-5,"attempt":1},{"id":%s,"attempt":2},{"id":%s,"attempt":1},{"id":%s,"attempt":1},{"id":%s,"attempt":1}]',
+    :k1, :k2, :k3, :k4)::jsonb,
+    'register: stale_holding lists the held pairs that are not this node''s leases (gone, another attempt, finished, queued, another node''s)');
+SELECT results_eq(format($$SELECT state, leased_by FROM dispatch.jobs WHERE id IN (%s, %s) ORDER BY id$$, :k1, :k4),
+                  format($$VALUES ('leased'::text, %s), ('leased', (SELECT id FROM dispatch.nodes WHERE name = 'gpu-a'))$$, :node_h),
+                  'register: stale pairs are only reported; the held lease and the other node''s stay as they are');
+SELECT is((SELECT push_pid FROM dispatch.nodes WHERE id = :node_h), NULL,
+          'register: pushes stop until this session accepts them (push_pid of another session cleared)');
+SELECT ok(EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+                  AND classid::bigint = dispatch._push_lock_class() AND objid::bigint = :node_h AND objsubid = 2
+                  AND mode = 'ExclusiveLock'),
+          'register: holds the node''s push lock exclusively to the end of its transaction (no push during it)');
+UPDATE dispatch.nodes SET push_pid = pg_backend_pid() WHERE id = :node_h;
+SET SESSION AUTHORIZATION dispatch_node_gpu_h;
+SELECT is((SELECT stale_holding::text FROM dispatch.register('fake', ARRAY['m1'], 4, p_holding => '[]')), '[]',
+          'register: holding nothing, nothing is stale');
+SELECT ok((SELECT stale_holding IS NULL FROM dispatch.register('fake', ARRAY['m1'], 4)),
+          'register without holding: stale_holding is NULL');
+RESET SESSION AUTHORIZATION;
+SELECT is((SELECT push_pid FROM dispatch.nodes WHERE id = :node_h), pg_backend_pid(),
+          'register: a push_pid of this very session stays');
+UPDATE dispatch.jobs SET state = 'cancelled' WHERE id = :k4;
 
 -- Poll stamps are renewed at most once a second (a write per round trip would cost a
 -- row version each time), and the round trip runs on generic plans only.

@@ -308,6 +308,40 @@ static void test_wake_names(void **state)
     assert_true(lease_wake_names("99999999999999999999", 7));
 }
 
+static void test_pair_next(void **state)
+{
+    const char *cursor = "12:1,9007199254740993:3,7:0";
+    int64_t id = 0;
+    int32_t attempt = -1;
+
+    (void)state;
+    assert_true(lease_pair_next(&cursor, &id, &attempt));
+    assert_int_equal(id, 12);
+    assert_int_equal(attempt, 1);
+    assert_true(lease_pair_next(&cursor, &id, &attempt));
+    assert_int_equal(id, INT64_C(9007199254740993));
+    assert_int_equal(attempt, 3);
+    assert_true(lease_pair_next(&cursor, &id, &attempt));
+    assert_int_equal(id, 7);
+    assert_int_equal(attempt, 0);
+    assert_false(lease_pair_next(&cursor, &id, &attempt));
+    assert_string_equal(cursor, "");
+
+    /* Anything else stops the walk where it is, and the pair is not written. */
+    const char *bad[] = { "12", "12:", ":1", "12:1;13:1", "x:1", "-4:1", "12:-1", "12:99999999999" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cursor = bad[i];
+        id = 55;
+        attempt = 55;
+        assert_false(lease_pair_next(&cursor, &id, &attempt));
+        assert_ptr_equal(cursor, bad[i]);
+        assert_int_equal(id, 55);
+        assert_int_equal(attempt, 55);
+    }
+    cursor = NULL;
+    assert_false(lease_pair_next(&cursor, &id, &attempt));
+}
+
 /* Parses a copy of text (the parser writes into it); the copy is returned for the
  * pointers of row to stay valid. */
 static char *push_parse(const char *text, lease_row_t *row, char *model, size_t cap, bool *ok)
@@ -380,6 +414,7 @@ int main(void)
         cmocka_unit_test(test_refused_outcome_is_rewritten_once_then_dropped),
         cmocka_unit_test(test_text_array_and_split),
         cmocka_unit_test(test_wake_names),
+        cmocka_unit_test(test_pair_next),
         cmocka_unit_test(test_push_parse),
         cmocka_unit_test(test_row_parse),
     };
