@@ -1,5 +1,7 @@
 -- The functions on every request's path (submit_many's two paths, exchange, stream,
--- cancel, results, extend) find their jobs through indexes however much the table has grown
+-- cancel, results, extend), and those the gateway calls for /metrics, /v1/status and
+-- stuck queues (capacity, queues, health, nodes, metrics: 021), find their jobs
+-- through indexes however much the table has grown
 -- since a session planned them: a plan made while the statistics said the table held a
 -- few rows (a new install, analysed early) must not go on reading the whole table until
 -- autovacuum next analyses it (migrations 008 and 009). Each function is planned here
@@ -8,7 +10,7 @@
 -- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(19);
+SELECT plan(29);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -51,6 +53,8 @@ BEGIN
                                             'r1');
         PERFORM pg_temp.cancel_unknown(-i);
         PERFORM * FROM dispatch.results(ARRAY[current_setting('pgd_test.streamed')::bigint]);
+        PERFORM * FROM dispatch.metrics();     -- and capacity, health, nodes within it
+        PERFORM * FROM dispatch.queues();
     END LOOP;
 END
 $$;
@@ -155,6 +159,30 @@ SELECT count(*) FROM dispatch.extend(ARRAY[:streamed, :extended]::bigint[], ARRA
 RESET SESSION AUTHORIZATION;
 SELECT is((pg_temp.since('extend')).scans, 0::bigint, 'extend: no sequential scan of the grown table');
 SELECT cmp_ok((pg_temp.since('extend')).tuples, '<=', 20::bigint, 'extend: reads the jobs asked for, not the table');
+
+-- The gateway's status and metrics reads count the 2,000 queued and 2,000+ leased jobs;
+-- the table holds 24,000. Before 021 each call read all of it (metrics() five times).
+SELECT count(*) AS whole FROM dispatch.jobs \gset
+SELECT pg_temp.mark('capacity') \g /dev/null
+SELECT count(*) FROM dispatch.capacity() \g /dev/null
+SELECT is((pg_temp.since('capacity')).scans, 0::bigint, 'capacity: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('capacity')).tuples, '<', :whole::bigint, 'capacity: counts queued and leased jobs without reading the whole table');
+SELECT pg_temp.mark('queues') \g /dev/null
+SELECT count(*) FROM dispatch.queues() \g /dev/null
+SELECT is((pg_temp.since('queues')).scans, 0::bigint, 'queues: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('queues')).tuples, '<', :whole::bigint, 'queues: counts queued and leased jobs without reading the whole table');
+SELECT pg_temp.mark('health') \g /dev/null
+SELECT count(*) FROM dispatch.health() \g /dev/null
+SELECT is((pg_temp.since('health')).scans, 0::bigint, 'health: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('health')).tuples, '<', :whole::bigint, 'health: finds waiting work and busy nodes without reading the whole table');
+SELECT pg_temp.mark('nodes') \g /dev/null
+SELECT count(*) FROM dispatch.nodes() \g /dev/null
+SELECT is((pg_temp.since('nodes')).scans, 0::bigint, 'nodes: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('nodes')).tuples, '<', :whole::bigint, 'nodes: counts each node''s leases without reading the whole table');
+SELECT pg_temp.mark('metrics') \g /dev/null
+SELECT count(*) FROM dispatch.metrics() \g /dev/null
+SELECT is((pg_temp.since('metrics')).scans, 0::bigint, 'metrics: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('metrics')).tuples, '<', :whole::bigint, 'metrics: reads capacity, health and nodes without reading the whole table');
 
 SELECT * FROM finish();
 ROLLBACK;
