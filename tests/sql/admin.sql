@@ -2,7 +2,7 @@
 -- settings and set_setting (capacity overrides are in capacity.sql).
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(89);
+SELECT plan(93);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -160,9 +160,13 @@ SELECT dispatch.submit('m1', NULL, '{}') AS p_old3 \gset
 SELECT dispatch.submit('m1', NULL, '{}') AS p_recent \gset
 SELECT dispatch.submit('m1', NULL, '{}', 0, '1 hour', NULL, NULL, 'gw_p') AS p_overdue \gset
 SELECT dispatch.submit('m1', NULL, '{}') AS p_queued \gset
-UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '2 days' WHERE id IN (:p_old1, :p_old2);
-UPDATE dispatch.jobs SET state = 'failed', finished_at = now() - interval '25 hours' WHERE id = :p_old3;
-UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '23 hours' WHERE id = :p_recent;
+-- A job is created before it finishes (a second before, here).
+UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '2 days',
+                         created_at = now() - interval '2 days 1 second' WHERE id IN (:p_old1, :p_old2);
+UPDATE dispatch.jobs SET state = 'failed', finished_at = now() - interval '25 hours',
+                         created_at = now() - interval '25 hours 1 second' WHERE id = :p_old3;
+UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '23 hours',
+                         created_at = now() - interval '23 hours 1 second' WHERE id = :p_recent;
 UPDATE dispatch.jobs SET deadline = now() - interval '1 s' WHERE id = :p_overdue;
 SELECT is(dispatch.prune(2), 2::bigint, 'prune: deletes at most max rows');
 SELECT results_eq($$SELECT id FROM dispatch.jobs WHERE state IN ('succeeded', 'failed') ORDER BY id$$,
@@ -180,6 +184,35 @@ SELECT results_eq($$SELECT id, state FROM dispatch.jobs ORDER BY id$$,
                   'prune: recent finished jobs and unfinished jobs are kept');
 SELECT is(dispatch.set_setting('retention_seconds', 3600), 3600::numeric, 'retention_seconds 3600');
 SELECT is(dispatch.prune(10), 1::bigint, 'prune: retention_seconds decides what is old');
+-- A call reads the jobs created before the cutoff, not the table (022): here 3,000
+-- recent finished jobs behind one old one.
+DELETE FROM dispatch.jobs;
+SELECT dispatch.submit('m1', NULL, '{}') AS p_old4 \gset
+UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '2 hours',
+                         created_at = now() - interval '2 hours 1 second' WHERE id = :p_old4;
+INSERT INTO dispatch.jobs (model, endpoint, payload, max_attempts, state, result, finished_at)
+SELECT 'm1', '/v1/chat/completions', '{}', 3, 'succeeded', '{}', now() FROM generate_series(1, 3000);
+-- A job created before the cutoff whose id came after a younger one's (its submit's
+-- transaction began first) waits until that one is old too.
+SELECT dispatch.submit('m1', NULL, '{}') AS p_late_id \gset
+UPDATE dispatch.jobs SET state = 'succeeded', finished_at = now() - interval '3 hours',
+                         created_at = now() - interval '3 hours 1 second' WHERE id = :p_late_id;
+CREATE FUNCTION pg_temp.jobs_rows_read() RETURNS bigint LANGUAGE sql AS $$
+    SELECT pg_stat_get_xact_tuples_returned('dispatch.jobs'::regclass)
+           + pg_stat_get_xact_tuples_fetched('dispatch.jobs'::regclass)
+           + (SELECT sum(pg_stat_get_xact_tuples_returned(i.indexrelid))::bigint
+              FROM pg_index i WHERE i.indrelid = 'dispatch.jobs'::regclass)
+$$;
+SELECT pg_temp.jobs_rows_read() AS before_prune \gset
+SELECT is(dispatch.prune(10), 1::bigint, 'prune: deletes the old job before the 3,000 recent ones');
+-- (Index entries of the jobs deleted earlier in this transaction are read too: ~100.)
+SELECT cmp_ok(pg_temp.jobs_rows_read() - :before_prune, '<', 300::bigint,
+              'prune: reads the jobs created before the cutoff and stops at the first younger one');
+SELECT is((SELECT count(*) FROM dispatch.jobs WHERE id IN (:p_old4, :p_late_id)), 1::bigint,
+          'prune: an old job whose id comes after a younger one''s waits for a later call');
+UPDATE dispatch.jobs SET created_at = now() - interval '2 hours', finished_at = now() - interval '2 hours'
+WHERE state = 'succeeded' AND id < :p_late_id;
+SELECT is(dispatch.prune(10000), 3001::bigint, 'prune: it goes once the jobs before it are old too');
 -- An expired lease on a model no live node serves is taken back by prune.
 SELECT dispatch.submit('m1', NULL, '{}', 0, NULL, 2) AS p_orphan \gset
 SELECT dispatch.submit('m1', NULL, '{}', 0, NULL, 1) AS p_orphan_spent \gset

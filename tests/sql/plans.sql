@@ -163,26 +163,23 @@ SELECT cmp_ok((pg_temp.since('extend')).tuples, '<=', 20::bigint, 'extend: reads
 -- The gateway's status and metrics reads count the 2,000 queued and 2,000+ leased jobs;
 -- the table holds 24,000. Before 021 each call read all of it (metrics() five times).
 SELECT count(*) AS whole FROM dispatch.jobs \gset
-SELECT pg_temp.mark('capacity') \g /dev/null
-SELECT count(*) FROM dispatch.capacity() \g /dev/null
-SELECT is((pg_temp.since('capacity')).scans, 0::bigint, 'capacity: no sequential scan of the grown table');
-SELECT cmp_ok((pg_temp.since('capacity')).tuples, '<', :whole::bigint, 'capacity: counts queued and leased jobs without reading the whole table');
-SELECT pg_temp.mark('queues') \g /dev/null
-SELECT count(*) FROM dispatch.queues() \g /dev/null
-SELECT is((pg_temp.since('queues')).scans, 0::bigint, 'queues: no sequential scan of the grown table');
-SELECT cmp_ok((pg_temp.since('queues')).tuples, '<', :whole::bigint, 'queues: counts queued and leased jobs without reading the whole table');
-SELECT pg_temp.mark('health') \g /dev/null
-SELECT count(*) FROM dispatch.health() \g /dev/null
-SELECT is((pg_temp.since('health')).scans, 0::bigint, 'health: no sequential scan of the grown table');
-SELECT cmp_ok((pg_temp.since('health')).tuples, '<', :whole::bigint, 'health: finds waiting work and busy nodes without reading the whole table');
-SELECT pg_temp.mark('nodes') \g /dev/null
-SELECT count(*) FROM dispatch.nodes() \g /dev/null
-SELECT is((pg_temp.since('nodes')).scans, 0::bigint, 'nodes: no sequential scan of the grown table');
-SELECT cmp_ok((pg_temp.since('nodes')).tuples, '<', :whole::bigint, 'nodes: counts each node''s leases without reading the whole table');
-SELECT pg_temp.mark('metrics') \g /dev/null
-SELECT count(*) FROM dispatch.metrics() \g /dev/null
-SELECT is((pg_temp.since('metrics')).scans, 0::bigint, 'metrics: no sequential scan of the grown table');
-SELECT cmp_ok((pg_temp.since('metrics')).tuples, '<', :whole::bigint, 'metrics: reads capacity, health and nodes without reading the whole table');
+CREATE FUNCTION pg_temp.reads_less_than_whole(p_fn text, p_what text, p_whole bigint) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    PERFORM pg_temp.mark(p_fn);
+    EXECUTE format('SELECT count(*) FROM dispatch.%I()', p_fn);
+    r := pg_temp.since(p_fn);
+    RETURN NEXT is(r.scans, 0::bigint, p_fn || ': no sequential scan of the grown table');
+    RETURN NEXT cmp_ok(r.tuples, '<', p_whole, p_fn || ': ' || p_what || ' without reading the whole table');
+END
+$$;
+SELECT pg_temp.reads_less_than_whole(v.fn, v.what, :whole)
+FROM (VALUES (1, 'capacity', 'counts queued and leased jobs'), (2, 'queues', 'counts queued and leased jobs'),
+             (3, 'health', 'finds waiting work and busy nodes'), (4, 'nodes', 'counts each node''s leases'),
+             (5, 'metrics', 'reads capacity, health and nodes')) AS v(n, fn, what)
+ORDER BY v.n;
 
 SELECT * FROM finish();
 ROLLBACK;
