@@ -703,23 +703,23 @@ def test_postgres_crash_loses_a_running_job_whose_id_comes_round(pg, fdb, procs)
     fake = Fake(procs, latency_ms=4000)
     daemon, _ = start_daemon(procs, db, "n1", fake, 4)
     port, gw = start_gateway(procs, db, "gw")
-    pool = ThreadPoolExecutor(max_workers=2)
-    with crash_after(db):
-        first = new_marker("crashlost")
-        first_call = pool.submit(post_chat, port, first, 30)
-        wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10, what="the provider running the first request")
-        lost_id = job_of(db, first)
-    assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
-    wait_for(lambda: node(db, "n1").get("live"), 30, what="the daemon registered again")
-    wait_for(lambda: http_get("http://127.0.0.1:%d/readyz" % port)[0] == 200, 30, what="the gateway ready again")
-    second = new_marker("crashreused")
-    second_call = pool.submit(post_chat, port, second, 30)
-    wait_for(lambda: job_of(db, second) is not None, 10, what="the second request's job")
-    reused = job_of(db, second)
-    assert reused == lost_id, "the id did not come round (%s, lost %s): the scenario did not happen" % (
-        reused, lost_id)
-    a, b = first_call.result(40), second_call.result(40)
-    pool.shutdown()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with crash_after(db):
+            first = new_marker("crashlost")
+            first_call = pool.submit(post_chat, port, first, 30)
+            wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10,
+                     what="the provider running the first request")
+            lost_id = job_of(db, first)
+        assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
+        wait_for(lambda: node(db, "n1").get("live"), 30, what="the daemon registered again")
+        wait_for(lambda: http_get("http://127.0.0.1:%d/readyz" % port)[0] == 200, 30, what="the gateway ready again")
+        second = new_marker("crashreused")
+        second_call = pool.submit(post_chat, port, second, 30)
+        wait_for(lambda: job_of(db, second) is not None, 10, what="the second request's job")
+        reused = job_of(db, second)
+        assert reused == lost_id, "the id did not come round (%s, lost %s): the scenario did not happen" % (
+            reused, lost_id)
+        a, b = first_call.result(40), second_call.result(40)
     settle(db, 15)
     state, attempt, result = db.sql("SELECT state, attempt, result::text FROM dispatch.jobs WHERE id = %s",
                                     (reused,))[0]
@@ -750,15 +750,14 @@ def test_postgres_crash_then_the_lost_jobs_client_leaves(pg, fdb, procs):
     try:
         first = new_marker("cancellost")
         body = json.dumps(chat_body(first)).encode()
-        client = socket.create_connection(("127.0.0.1", port))
-        with crash_after(db):
-            client.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n" % (CHAT.encode(), len(body)) + body)
-            wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10,
-                     what="the provider running the first request")
-            lost_id = job_of(db, first)
-        assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
-        client.close()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            with crash_after(db):
+                client.sendall(b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % (CHAT.encode(), len(body)) + body)
+                wait_for(lambda: fake.stats()["markers"].get(first) == 1, 10,
+                         what="the provider running the first request")
+                lost_id = job_of(db, first)
+            assert job_of(db, first) is None, "the crash did not lose the first job (the scenario did not happen)"
         wait_for(lambda: "event=client_went_away job=%d " % lost_id in gw.output(), 10,
                  what="the gateway seeing the client leave")
         wait_for(lambda: node(db, "n1").get("live"), 30, what="the daemon registered again")
