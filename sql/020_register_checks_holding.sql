@@ -7,8 +7,9 @@
 -- advance with it, so the next submit can get the same id, and on a one-node model it is
 -- pushed (or leased) to the same daemon as attempt 1 again: the (id, attempt) fence took
 -- the lost job's answer for the new job, and a client got another client's answer.
--- tests/integration/test_faults.py reproduces it (a checkpoint, a pushed request, an
--- immediate stop, a second request).
+-- tests/integration/test_faults.py reproduces it (a checkpoint, the WAL writer stopped,
+-- a pushed request, the WAL writer killed, a second request). The gateway's side of the
+-- same hazard (a cancel of the lost job reaching the new one) is in its cancel statement.
 --
 -- register already took back the node's leases its daemon does not hold. It now also
 -- answers the other half, in what it returns: stale_holding lists the held
