@@ -11,7 +11,9 @@ it in each checkout; repeats agree to within about 1 %.
 Shapes measured (each in its own session, on a queue of 200,000 jobs):
   exchange_10x10   the daemon's call that settles the 10 jobs it holds and leases 10
   exchange_light   under light load: a call that leases one job (nothing else
-                   queued), then the call that settles it (a reply channel waits)
+                   queued), then the call that settles it (a reply channel waits):
+                   dispatch.settle asking for the wake time, as the daemon settles
+                   after an exchange that found the queue empty (023)
   submit_one       the gateway's submit_many of one request (to an empty queue)
   submit_push      the same, handed to an idle node that takes pushed jobs (015)
   submit_16        the same with 16 requests, as the gateway batches them under load
@@ -67,7 +69,7 @@ def exchange_light(node, admin, calls):
         node.commit()
         if len(held) != 1:
             raise SystemExit("sqlcost: exchange_light leased %d jobs, expected 1" % len(held))
-        node.execute("SELECT count(*) FROM dispatch.exchange(%s, 10)", (outcomes(held),))
+        node.execute("SELECT count(*) FROM dispatch.settle(%s, true)", (outcomes(held),))
         node.commit()
 
 

@@ -14,11 +14,13 @@ const char LEASE_SQL_REGISTER[] =
     "SELECT r.node_id, r.node_name, r.node_channel, array_to_string(r.model_channels, ','), "
     "(SELECT string_agg(concat(e->>'id', ':', e->>'attempt'), ',') FROM json_array_elements(r.stale_holding) e) "
     "FROM dispatch.register($1, $2::text[], $3::int, $4, $5::jsonb, $6::json) AS r";
-const char LEASE_SQL_EXCHANGE[] =
-    "SELECT kind, id, attempt, model, endpoint, payload, "
-    "(extract(epoch FROM deadline - now()) * 1000)::bigint, "
+/* The columns lease_row_parse reads, from exchange's and settle's rows alike. */
+#define LEASE_ROW_COLUMNS                                                                                    \
+    "SELECT kind, id, attempt, model, endpoint, payload, "                                                   \
+    "(extract(epoch FROM deadline - now()) * 1000)::bigint, "                                                \
     "(extract(epoch FROM lease_expires_at - now()) * 1000)::bigint "
-    "FROM dispatch.exchange($1::json, $2::int)";
+const char LEASE_SQL_EXCHANGE[] = LEASE_ROW_COLUMNS "FROM dispatch.exchange($1::json, $2::int)";
+const char LEASE_SQL_SETTLE[] = LEASE_ROW_COLUMNS "FROM dispatch.settle($1::json, $2::boolean)";
 const char LEASE_SQL_EXTEND[] =
     "SELECT id, attempt, ok, (extract(epoch FROM lease_expires_at - now()) * 1000)::bigint "
     "FROM dispatch.extend($1::bigint[], $2::int[])";

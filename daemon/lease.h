@@ -22,7 +22,10 @@ extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_c
 extern const char LEASE_SQL_DEREGISTER[];
 extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok */
 extern const char LEASE_SQL_REFUSE_PUSHES[];   /* dispatch.accept_pushes(false) */
+extern const char LEASE_SQL_SETTLE[];      /* $1 json outcomes, $2 boolean wake row wanted; same
+                                            * columns as LEASE_SQL_EXCHANGE; prepared as "pgd_settle" */
 #define LEASE_EXCHANGE_STMT "pgd_exchange"
+#define LEASE_SETTLE_STMT "pgd_settle"
 
 /* An error outcome as the daemon reports it to dispatch.exchange. */
 typedef struct {

@@ -116,7 +116,12 @@ typedef struct {
     bool last_was_stream;        /* the last batch sent was chunks: outcomes and leases go next */
     size_t isolate;              /* the next exchanges carry one outcome each */
     bool need_exchange;
+    bool queue_seen_empty;       /* the last exchange found fewer jobs than it asked for, and no
+                                  * notification or timer since says the queue changed: finished
+                                  * jobs are reported with dispatch.settle, which leases nothing */
     int exchange_max_jobs;
+    bool last_notify_was_push;   /* the notification read last pushed a job to this node */
+    size_t prepared;             /* statements of PREPARED prepared on this connection */
     int64_t wake_at;             /* 0: sleep until a notification */
     int64_t standby_at;          /* look then unless a lease happened since (work woke other nodes) */
     int64_t first_outcome_us;    /* when the oldest unsent outcome arrived (monotonic us) */
@@ -136,6 +141,22 @@ typedef struct {
 } daemon_t;
 
 static void db_lost(daemon_t *d, const char *why);
+
+/* The statements prepared on every connection, in this order. */
+static const struct {
+    const char *name;
+    const char *sql;
+} PREPARED[] = {
+    { LEASE_EXCHANGE_STMT, LEASE_SQL_EXCHANGE },
+    { LEASE_SETTLE_STMT, LEASE_SQL_SETTLE },
+};
+
+/* Something may have queued work for this node: the next exchange leases. */
+static void queue_changed(daemon_t *d)
+{
+    d->need_exchange = true;
+    d->queue_seen_empty = false;
+}
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -400,17 +421,18 @@ static void db_set_state(daemon_t *d, db_state_t s)
     d->db = s;
 }
 
-/* Sends one statement (prepared when stmt is set). False when the connection broke
- * (already handled). */
+/* Sends one statement: executes the prepared statement stmt when it is set, or
+ * prepares sql as stmt for Q_PREPARE. False when the connection broke (already
+ * handled). */
 static bool db_send(daemon_t *d, query_kind_t kind, const char *sql, const char *stmt, int nparams,
                     const char *const *values)
 {
     int ok, flushed;
 
-    if (stmt != NULL)
+    if (kind == Q_PREPARE)
+        ok = PQsendPrepare(d->conn, stmt, sql, 0, NULL);
+    else if (stmt != NULL)
         ok = PQsendQueryPrepared(d->conn, stmt, nparams, values, NULL, NULL, 0);
-    else if (kind == Q_PREPARE)
-        ok = PQsendPrepare(d->conn, LEASE_EXCHANGE_STMT, sql, 0, NULL);
     else if (nparams == 0 && kind == Q_LISTEN)
         ok = PQsendQuery(d->conn, sql);
     else
@@ -507,7 +529,8 @@ static void send_listen(daemon_t *d)
 }
 
 /* Settles up to `ready` outcomes (those whose jobs have no chunk left to send) and
- * leases up to max_jobs. */
+ * leases up to max_jobs: with dispatch.exchange, or with dispatch.settle when it is to
+ * lease nothing (the same settlement, without exchange's look at the queue). */
 static void send_exchange(daemon_t *d, int max_jobs, size_t ready)
 {
     char max[16];
@@ -536,8 +559,15 @@ static void send_exchange(daemon_t *d, int max_jobs, size_t ready)
     d->hold_until_us = 0;
     d->exchange_sent_us = clock_monotonic_us();
     d->last_was_stream = false;
-    log_debug("exchange", "outcomes=%zu max_jobs=%d", n, max_jobs);
-    db_send(d, Q_EXCHANGE, NULL, LEASE_EXCHANGE_STMT, 2, values);
+    if (max_jobs > 0) {
+        log_debug("exchange", "outcomes=%zu max_jobs=%d", n, max_jobs);
+        db_send(d, Q_EXCHANGE, NULL, LEASE_EXCHANGE_STMT, 2, values);
+    } else {
+        /* A pending wake may have been for leases this call settles: ask again. */
+        values[1] = d->wake_at ? "true" : "false";
+        log_debug("settle", "outcomes=%zu wake=%s", n, values[1]);
+        db_send(d, Q_EXCHANGE, NULL, LEASE_SETTLE_STMT, 2, values);
+    }
 }
 
 /* Relays every waiting stream piece (up to a batch) in one dispatch.stream call. Its
@@ -688,7 +718,8 @@ static void maybe_send(daemon_t *d, int64_t now)
                 send_stream(d);
             return;
         }
-        send_exchange(d, daemon_may_lease(d) ? daemon_free_slots(d) : 0, ready);
+        send_exchange(d, daemon_may_lease(d) && (d->need_exchange || !d->queue_seen_empty) ? daemon_free_slots(d) : 0,
+                      ready);
         return;
     }
     if (lease_wanted) {
@@ -973,8 +1004,13 @@ static void on_exchange_result(daemon_t *d, const PGresult *res, const char *sql
             break;
         }
     }
-    if (d->exchange_max_jobs > 0 && !woke)
-        d->wake_at = 0;      /* took all it asked for: the next finished job looks again */
+    if (d->exchange_max_jobs > 0) {
+        /* Took all it asked for: the next exchange looks again. A notification that came
+         * while this one ran has set need_exchange, which outranks queue_seen_empty. */
+        d->queue_seen_empty = woke;
+        if (!woke)
+            d->wake_at = 0;
+    }
     provider_kick(d->prov);
 }
 
@@ -1106,7 +1142,7 @@ static void on_report_result(daemon_t *d, const char *sqlstate, const char *err)
              d->db_healthy ? "healthy" : "degraded", d->db_capacity,
              log_quote(q, sizeof q, d->db_healthy ? "" : d->reason));
     if (d->db_healthy)
-        d->need_exchange = true;     /* catch up on what queued while degraded */
+        queue_changed(d);            /* catch up on what queued while degraded */
 }
 
 static void on_deregister_result(daemon_t *d, const PGresult *res, const char *sqlstate, const char *err)
@@ -1186,12 +1222,17 @@ static void on_query_done(daemon_t *d, query_kind_t kind)
         break;
     case Q_LISTEN:
         d->pushes_accepted = true;
-        db_send(d, Q_PREPARE, LEASE_SQL_EXCHANGE, NULL, 0, NULL);
+        d->prepared = 0;
+        db_send(d, Q_PREPARE, PREPARED[0].sql, PREPARED[0].name, 0, NULL);
         break;
     case Q_PREPARE:
+        if (++d->prepared < sizeof PREPARED / sizeof PREPARED[0]) {
+            db_send(d, Q_PREPARE, PREPARED[d->prepared].sql, PREPARED[d->prepared].name, 0, NULL);
+            break;
+        }
         db_set_state(d, DB_READY);
         backoff_reset(&d->backoff);
-        d->need_exchange = true;     /* notifications sent while away are gone: catch up */
+        queue_changed(d);            /* notifications sent while away are gone: catch up */
         log_info(d->registered_once ? "reregistered" : "registered",
                  "node=%s node_id=%d family=%s capacity=%ld slots=%ld in_flight=%zu outcomes_waiting=%zu channels=%s",
                  d->node_name, d->node_id, d->family, d->capacity, daemon_slots(d), provider_in_flight(d->prov),
@@ -1230,12 +1271,16 @@ static void on_push(daemon_t *d, char *text)
 
 static void on_notify(daemon_t *d, const PGnotify *n)
 {
+    bool after_own_push = d->last_notify_was_push;
+
+    d->last_notify_was_push = false;
     if (strcmp(n->relname, d->node_channel) == 0) {
         int64_t id;
         job_t *j;
 
         if (n->extra[0] == 'P') {
             on_push(d, n->extra);
+            d->last_notify_was_push = true;
             return;
         }
         id = strtoll(n->extra, NULL, 10);
@@ -1250,9 +1295,14 @@ static void on_notify(daemon_t *d, const PGnotify *n)
     }
     /* A submit names the nodes it wakes (an empty payload wakes all). One not named
      * looks anyway a little later, in case every named node died before it could:
-     * work never waits on a node that is gone. */
+     * work never waits on a node that is gone. A push's wake names node 0, for the
+     * nodes that did not get the push; it comes right after the push (a transaction's
+     * notifications arrive together, in the order sent), and the node that got it
+     * need not look. */
     if (lease_wake_names(n->extra, d->node_id)) {
-        d->need_exchange = true;
+        queue_changed(d);
+    } else if (after_own_push && strcmp(n->extra, "0") == 0) {
+        log_debug("wake_skipped", "reason=\"the wake of a push to this node\"");
     } else if (d->standby_at == 0) {
         d->standby_at = clock_monotonic_ms() + STANDBY_WAKE_MS;
     }
@@ -1352,11 +1402,11 @@ static int run_timers(daemon_t *d, int64_t now)
 
     if (d->wake_at && now >= d->wake_at) {
         d->wake_at = 0;
-        d->need_exchange = true;
+        queue_changed(d);
     }
     if (d->standby_at && now >= d->standby_at) {
         d->standby_at = 0;
-        d->need_exchange = true;
+        queue_changed(d);
     }
     /* Deadlines passed: abort and report, not retryable. */
     for (size_t i = 0; i < provider_in_flight(d->prov);) {

@@ -157,6 +157,30 @@ def test_lease_ahead_0_keeps_to_the_slots(db, procs):
     assert most_leased == 2
 
 
+def test_a_daemon_that_got_every_job_it_asked_for_leases_again_as_each_ends(db, procs):
+    """One submit wakes the daemon once. With one slot and no lease-ahead its exchange
+    gets all it asks for, so the queue may hold more: the call that settles each job
+    must lease the next (dispatch.exchange), not only settle it (dispatch.settle, 023),
+    or the rest would wait for a notification that never comes. Only once an exchange
+    finds the queue empty does the next job (pushed to it) end with settle."""
+    fake = Fake(procs)
+    proc = daemon(procs, db.enroll("n1"), fake, "--models", "demo", "--max-concurrency", "1", "--lease-ahead", "0",
+                  "--log-level", "debug", name="n1")
+    wait_live(db, "n1")
+    ids = submit(db, 4)
+    wait_for(lambda: all_in(db, ids), 10, what="four jobs, one wake-up")
+    assert "event=settle" not in proc.output()
+    wait_for(lambda: "event=exchange outcomes=1 max_jobs=1" in proc.output().split("job=%d " % ids[-1])[-1], 5,
+             what="the exchange that settles the last job and finds the queue empty")
+    pushed = submit(db, 1)
+    wait_for(lambda: all_in(db, pushed), 5, what="the pushed job")
+    wait_for(lambda: "event=settle outcomes=1" in proc.output(), 5, what="the pushed job settled")
+    assert "jobs_pushed" not in proc.output()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(8) == 0
+    assert "jobs_started=5 jobs_pushed=1 jobs_finished=5" in proc.output()
+
+
 def test_two_daemons_share_load_and_a_busy_one_blocks_nothing(db, procs):
     slow = Fake(procs, name="slow", latency_ms=4000)
     fast = Fake(procs, name="fast", latency_ms=100)
@@ -507,10 +531,13 @@ def test_unenrolled_role_exits_with_clear_error(db, procs):
 def test_a_job_for_an_idle_daemon_is_pushed_to_it_and_run_without_a_lease_call(db, procs):
     """With the model's queue empty and a free slot, the submit stores the job leased to
     the node and hands it over on the node's channel (migration 015): the daemon starts
-    it from the notification, and its only statement for the job is the exchange that
-    settles it."""
+    it from the notification, and its only statement for the job is the call that
+    settles it: dispatch.settle, for the daemon's last exchange found the queue empty
+    (migration 023). The push's wake of the model's other nodes does not make it look
+    at the queue a second later."""
     fake = Fake(procs)
-    proc = daemon(procs, db.enroll("n1"), fake, "--models", "demo", "--max-concurrency", "2", name="n1")
+    proc = daemon(procs, db.enroll("n1"), fake, "--models", "demo", "--max-concurrency", "2", "--log-level", "debug",
+                  name="n1")
     wait_live(db, "n1")
     wait_for(lambda: db.one("SELECT push_pid IS NOT NULL FROM dispatch.nodes WHERE name = 'n1'"), 5,
              what="n1 accepts pushed jobs")
@@ -530,9 +557,10 @@ def test_a_job_for_an_idle_daemon_is_pushed_to_it_and_run_without_a_lease_call(d
     assert note.payload == "P%d:1:2000:30000:/v1/chat/completions:4:demo%s" % (ids[0], stored)
     calls = dict(db.sql("SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls FROM pg_stat_statements s "
                         "JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = 'dispatch_node_n1' AND s.toplevel"))
-    assert [q for q in calls if "dispatch.exchange" in q] and sum(
-        c for q, c in calls.items() if "dispatch.exchange" in q) == 1, calls
+    assert sum(c for q, c in calls.items() if "dispatch.settle" in q) == 1, calls
+    assert not [q for q in calls if "dispatch.exchange" in q], calls
     assert fake.stats()["markers"][payload["user"]] == 1
+    assert "event=wake_skipped" in proc.output()
     proc.signal(signal.SIGTERM)
     assert proc.wait(8) == 0
     assert "jobs_pushed=1" in proc.output()

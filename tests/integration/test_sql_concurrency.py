@@ -296,7 +296,13 @@ def test_submit_notifies_the_model_channel_once_per_transaction(db):
     conn.close()
 
 
-def test_completion_notifies_the_reply_channel_split_past_350_ids(db):
+# The daemon settles with exchange when it may lease and with settle (023) when it
+# knows its queue is empty: both tell the waiting gateways the same way.
+SETTLE_CALLS = {"exchange": "SELECT kind FROM dispatch.exchange(%s, 0)", "settle": "SELECT kind FROM dispatch.settle(%s)"}
+
+
+@pytest.mark.parametrize("call", sorted(SETTLE_CALLS))
+def test_completion_notifies_the_reply_channel_split_past_350_ids(db, call):
     conn, _ = node(db, "replier", ["m-r"], 1000)
     watcher = Listener(db.connect(), "gw_reply", "gw_other")
     ids = submit_many(db, [{"model": "m-r", "payload": {"n": i}} for i in range(400)], "gw_reply")
@@ -307,7 +313,7 @@ def test_completion_notifies_the_reply_channel_split_past_350_ids(db):
     jobs = conn.execute("SELECT id, attempt FROM dispatch.lease(1000)").fetchall()
     assert len(jobs) == 401
     outcomes = [{"id": i, "attempt": a, "result": {"ok": True}} for i, a in jobs]
-    rows = conn.execute("SELECT kind FROM dispatch.exchange(%s, 0)", (json.dumps(outcomes),)).fetchall()
+    rows = conn.execute(SETTLE_CALLS[call], (json.dumps(outcomes),)).fetchall()
     assert rows == []
 
     got = watcher.drain_through_sentinel(db, "gw_reply")

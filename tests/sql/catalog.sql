@@ -76,6 +76,7 @@ $$, 'gateway and daemon roles have no privilege on any table or view');
 SELECT is_empty($$
     SELECT p.oid::regprocedure::text FROM unnest(ARRAY['dispatch.submit_many(json, text)',
                                                     'dispatch.exchange(json, integer)',
+                                                    'dispatch.settle(json, boolean)',
                                                     'dispatch.results(bigint[])',
                                                     'dispatch.stream(json)']::regprocedure[]) AS f(oid)
     JOIN pg_proc p ON p.oid = f.oid

@@ -1,4 +1,4 @@
--- The functions on every request's path (submit_many's two paths, exchange, stream,
+-- The functions on every request's path (submit_many's two paths, exchange, settle, stream,
 -- cancel, results, extend), and those the gateway calls for /metrics, /v1/status and
 -- stuck queues (capacity, queues, health, nodes, metrics: 021), find their jobs
 -- through indexes however much the table has grown
@@ -10,7 +10,7 @@
 -- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(29);
+SELECT plan(32);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -70,6 +70,7 @@ BEGIN
         PERFORM * FROM dispatch.stream(json_build_array(json_build_object(
             'id', current_setting('pgd_test.streamed')::bigint, 'attempt', 1, 'seq', i, 'more', true, 'data', 'x')));
         PERFORM * FROM dispatch.extend(ARRAY[current_setting('pgd_test.extended')::bigint], ARRAY[1]);
+        PERFORM * FROM dispatch.settle(NULL);
     END LOOP;
     PERFORM set_config('pgd_test.outs', outs::text, false);
 END
@@ -132,6 +133,18 @@ SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 10000::bigint, 'exchange:
 -- leases each read one of the two leased-job indexes whole (4,049 entries here).
 SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 200::bigint,
               'exchange: settles, probes and counts without reading the other node''s 2,000 leases');
+
+-- settle (023) on the leases gpu-a holds now, among gpu-b's 2,000.
+SELECT json_agg(json_build_object('id', j.id, 'attempt', j.attempt, 'result', '{}'::json)) AS settle_outs
+FROM dispatch.jobs j JOIN dispatch.nodes n ON n.id = j.leased_by
+WHERE n.name = 'gpu-a' AND j.state = 'leased' \gset
+SELECT pg_temp.mark('settle') \g /dev/null
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is_empty(format('SELECT * FROM dispatch.settle(%L)', :'settle_outs'), 'settle: every lease of gpu-a settled');
+RESET SESSION AUTHORIZATION;
+SELECT is((pg_temp.since('settle')).scans, 0::bigint, 'settle: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('settle')).tuples, '<', 200::bigint,
+              'settle: settles without reading the other node''s 2,000 leases');
 
 SELECT pg_temp.mark('stream') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;

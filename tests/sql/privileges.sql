@@ -2,7 +2,7 @@
 -- daemon roles touch no table; a node acts only as itself.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(63);
+SELECT plan(64);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -25,7 +25,7 @@ SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_gatew
     'the gateway role executes exactly the gateway functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_daemon' ORDER BY 1$$,
     $$VALUES ('accept_pushes'), ('complete'), ('deregister'), ('exchange'), ('extend'), ('fail'), ('lease'), ('model_channel'),
-             ('next_wake'), ('node_channel'), ('register'), ('report'), ('set_lease_ahead'), ('stream')$$,
+             ('next_wake'), ('node_channel'), ('register'), ('report'), ('set_lease_ahead'), ('settle'), ('stream')$$,
     'the daemon role executes exactly the daemon functions');
 SELECT results_eq($$SELECT proname FROM callable WHERE rolname = 'dispatch_admin' ORDER BY 1$$,
     $$VALUES ('api_keys'), ('cancel'), ('capacity'), ('check_api_key'), ('clear_capacity'), ('create_api_key'),
@@ -99,6 +99,7 @@ SET SESSION AUTHORIZATION pgd_test_gw;
 SELECT ok(dispatch.submit('m1', NULL, '{}') > 0, 'gateway: can submit');
 SELECT throws_ok($$SELECT * FROM dispatch.lease(1)$$, '42501', NULL, 'gateway: cannot lease');
 SELECT throws_ok($$SELECT * FROM dispatch.exchange(NULL, 1)$$, '42501', NULL, 'gateway: cannot exchange');
+SELECT throws_ok($$SELECT * FROM dispatch.settle(NULL)$$, '42501', NULL, 'gateway: cannot settle');
 SELECT throws_ok($$SELECT dispatch.register('x', ARRAY['m1'])$$, '42501', NULL, 'gateway: cannot register');
 SELECT throws_ok($$SELECT dispatch.complete(1, 1, '{}')$$, '42501', NULL, 'gateway: cannot complete');
 SELECT throws_ok($$SELECT dispatch.fail(1, 1, '{}', false)$$, '42501', NULL, 'gateway: cannot fail');
