@@ -1,6 +1,7 @@
 -- The functions on every request's path (submit_many's two paths, exchange, settle, stream,
--- cancel, results, extend), and those the gateway calls for /metrics, /v1/status and
--- stuck queues (capacity, queues, health, nodes, metrics: 021), find their jobs
+-- cancel, results, extend), those the gateway calls for /metrics, /v1/status and
+-- stuck queues (capacity, queues, health, nodes, metrics: 021), and requeue and
+-- deregister, find their jobs
 -- through indexes however much the table has grown
 -- since a session planned them: a plan made while the statistics said the table held a
 -- few rows (a new install, analysed early) must not go on reading the whole table until
@@ -10,7 +11,7 @@
 -- rows and index entries they read are counted around each call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(32);
+SELECT plan(38);
 GRANT ALL ON ALL TABLES IN SCHEMA pg_temp TO PUBLIC;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pg_temp TO PUBLIC;
 
@@ -70,7 +71,7 @@ BEGIN
         PERFORM * FROM dispatch.stream(json_build_array(json_build_object(
             'id', current_setting('pgd_test.streamed')::bigint, 'attempt', 1, 'seq', i, 'more', true, 'data', 'x')));
         PERFORM * FROM dispatch.extend(ARRAY[current_setting('pgd_test.extended')::bigint], ARRAY[1]);
-        PERFORM * FROM dispatch.settle(NULL);
+        PERFORM * FROM dispatch.settle(NULL, true);
     END LOOP;
     PERFORM set_config('pgd_test.outs', outs::text, false);
 END
@@ -134,17 +135,21 @@ SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 10000::bigint, 'exchange:
 SELECT cmp_ok((pg_temp.since('exchange')).tuples, '<', 200::bigint,
               'exchange: settles, probes and counts without reading the other node''s 2,000 leases');
 
--- settle (023) on the leases gpu-a holds now, among gpu-b's 2,000.
+-- settle (023) on the leases gpu-a took in the exchange above (it keeps the two that
+-- stream and extend use), among gpu-b's 2,000, and the wake time
+-- after it (_next_wake: the earliest delayed job or lease expiry on its models).
 SELECT json_agg(json_build_object('id', j.id, 'attempt', j.attempt, 'result', '{}'::json)) AS settle_outs
 FROM dispatch.jobs j JOIN dispatch.nodes n ON n.id = j.leased_by
-WHERE n.name = 'gpu-a' AND j.state = 'leased' \gset
+WHERE n.name = 'gpu-a' AND j.state = 'leased' AND j.id NOT IN (:streamed, :extended) \gset
 SELECT pg_temp.mark('settle') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
-SELECT is_empty(format('SELECT * FROM dispatch.settle(%L)', :'settle_outs'), 'settle: every lease of gpu-a settled');
+SELECT results_eq(format('SELECT kind, lease_expires_at FROM dispatch.settle(%L, true)', :'settle_outs'),
+                  $$VALUES ('wake', now() + interval '1 minute')$$,
+                  'settle: the leases settled; gpu-a''s two others run out next');
 RESET SESSION AUTHORIZATION;
 SELECT is((pg_temp.since('settle')).scans, 0::bigint, 'settle: no sequential scan of the grown table');
 SELECT cmp_ok((pg_temp.since('settle')).tuples, '<', 200::bigint,
-              'settle: settles without reading the other node''s 2,000 leases');
+              'settle: settles and finds the wake time without reading the other node''s 2,000 leases');
 
 SELECT pg_temp.mark('stream') \g /dev/null
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
@@ -193,6 +198,22 @@ FROM (VALUES (1, 'capacity', 'counts queued and leased jobs'), (2, 'queues', 'co
              (3, 'health', 'finds waiting work and busy nodes'), (4, 'nodes', 'counts each node''s leases'),
              (5, 'metrics', 'reads capacity, health and nodes')) AS v(n, fn, what)
 ORDER BY v.n;
+
+-- Calls made once in a while, planned at their first call of a session (here, on the
+-- statistics of three jobs): an operator's requeue of one of gpu-b's leases, and
+-- gpu-a's deregister, which hands back the two it still holds (024).
+SELECT max(id) AS requeued FROM dispatch.jobs WHERE state = 'leased' \gset
+SELECT pg_temp.mark('requeue') \g /dev/null
+SELECT is(dispatch.requeue(ARRAY[:requeued::bigint]), 1, 'requeue: the lease goes back to the queue');
+SELECT is((pg_temp.since('requeue')).scans, 0::bigint, 'requeue: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('requeue')).tuples, '<=', 20::bigint, 'requeue: reads the jobs asked for, not the table');
+SELECT pg_temp.mark('deregister') \g /dev/null
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT is(dispatch.deregister(), 2, 'deregister: gpu-a hands back its two leases');
+RESET SESSION AUTHORIZATION;
+SELECT is((pg_temp.since('deregister')).scans, 0::bigint, 'deregister: no sequential scan of the grown table');
+SELECT cmp_ok((pg_temp.since('deregister')).tuples, '<', 200::bigint,
+              'deregister: finds its leases without reading the other node''s 2,000');
 
 SELECT * FROM finish();
 ROLLBACK;
