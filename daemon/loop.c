@@ -745,6 +745,7 @@ static void db_close(daemon_t *d)
     lease_outbox_sent_retry(&d->chunks);
     d->last_was_stream = false;
     d->pushes_accepted = false;      /* it held for that session only */
+    d->last_notify_was_push = false;
     clear_extending(d);
     db_set_state(d, DB_DOWN);
 }
