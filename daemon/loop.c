@@ -118,7 +118,8 @@ typedef struct {
     bool need_exchange;
     bool queue_seen_empty;       /* the last exchange found fewer jobs than it asked for, and no
                                   * notification or timer since says the queue changed: finished
-                                  * jobs are reported with dispatch.settle, which leases nothing */
+                                  * jobs are reported with dispatch.settle, which leases nothing
+                                  * (never true while need_exchange is) */
     int exchange_max_jobs;
     bool last_notify_was_push;   /* the notification read last pushed a job to this node */
     size_t prepared;             /* statements of PREPARED prepared on this connection */
@@ -718,8 +719,7 @@ static void maybe_send(daemon_t *d, int64_t now)
                 send_stream(d);
             return;
         }
-        send_exchange(d, daemon_may_lease(d) && (d->need_exchange || !d->queue_seen_empty) ? daemon_free_slots(d) : 0,
-                      ready);
+        send_exchange(d, daemon_may_lease(d) && !d->queue_seen_empty ? daemon_free_slots(d) : 0, ready);
         return;
     }
     if (lease_wanted) {
@@ -1006,9 +1006,9 @@ static void on_exchange_result(daemon_t *d, const PGresult *res, const char *sql
         }
     }
     if (d->exchange_max_jobs > 0) {
-        /* Took all it asked for: the next exchange looks again. A notification that came
-         * while this one ran has set need_exchange, which outranks queue_seen_empty. */
-        d->queue_seen_empty = woke;
+        /* Took all it asked for: the next exchange looks again; so it does when a
+         * notification came while this one ran (it set need_exchange). */
+        d->queue_seen_empty = woke && !d->need_exchange;
         if (!woke)
             d->wake_at = 0;
     }
