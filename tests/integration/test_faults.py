@@ -674,17 +674,29 @@ def crash_after(db):
     server restarts and recovers without those commits."""
     db.sql("CHECKPOINT")
     walwriter = db.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
-    os.kill(walwriter, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(walwriter, signal.SIGKILL)
+    # A session opened before the crash ends when the postmaster takes the server down;
+    # until then a new session may still be served by the old server, so "answers" alone
+    # does not say the restart has happened.
+    with db.connect() as witness:
+        os.kill(walwriter, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(walwriter, signal.SIGKILL)
+        wait_for(lambda: not session_answers(witness), 60, interval=0.05, what="PostgreSQL taken down by the crash")
     wait_for(lambda: db_answers(db), 60, interval=0.1, what="PostgreSQL back after the crash")
 
 
 def db_answers(db):
     try:
         return db.one("SELECT 1") == 1
+    except psycopg.Error:
+        return False
+
+
+def session_answers(conn):
+    try:
+        return conn.execute("SELECT 1").fetchone()[0] == 1
     except psycopg.Error:
         return False
 
@@ -767,6 +779,8 @@ def test_postgres_crash_then_the_lost_jobs_client_leaves(pg, fdb, procs):
         assert reused == lost_id, "the id did not come round (%s, lost %s): the scenario did not happen" % (
             reused, lost_id)
     finally:
+        # Also when the test failed during the crash: the later tests' gateways log in.
+        wait_for(lambda: db_answers(db), 60, interval=0.1, what="PostgreSQL answering")
         db.sql("ALTER ROLE %s LOGIN" % GATEWAY_ROLE)
     wait_for(lambda: "event=cancel_sent" in gw.output(), 30, what="the gateway sending its cancel")
     settle(db, 15)
