@@ -4,7 +4,7 @@
 -- now() is fixed inside the test transaction.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(22);
+SELECT plan(23);
 
 SELECT is(dispatch.enroll('gpu-a'), 'dispatch_node_gpu_a', 'enroll gpu-a');
 SELECT is(dispatch.enroll('gpu-b'), 'dispatch_node_gpu_b', 'enroll gpu-b');
@@ -115,6 +115,23 @@ SELECT results_eq(format($$SELECT kind, lease_expires_at FROM dispatch.settle('[
                   $$VALUES ('wake', NULL::timestamptz)$$,
                   'settle, wake: the lease it settles no longer counts (nothing left to look for)');
 RESET SESSION AUTHORIZATION;
+
+------------------------------------------------------------------------------
+-- Its cost in statements: B8 counts every statement a call runs, nested ones too
+------------------------------------------------------------------------------
+-- A job with a waiting gateway, settled with a wake asked for: the settlement, then
+-- one statement for the reply NOTIFY and the wake time (025; 023 ran four).
+SELECT id AS replied FROM twins WHERE name = 'success' AND via = 'settle' \gset
+UPDATE dispatch.jobs SET state = 'leased', attempt = 1, leased_by = :node_a, started_at = now(),
+                         lease_expires_at = now() + interval '30 s', finished_at = NULL, result = NULL
+WHERE id = :replied;
+SELECT pg_stat_statements_reset() \g /dev/null
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT count(*) FROM dispatch.settle(format('[{"id": %s, "attempt": 1, "result": {}}]', :replied)::json, true) \g /dev/null
+RESET SESSION AUTHORIZATION;
+SELECT coalesce(sum(calls), 0) AS nested FROM pg_stat_statements
+WHERE NOT toplevel AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \gset
+SELECT is(:nested::integer, 2, 'settle with a reply and a wake runs two statements inside it');
 
 ------------------------------------------------------------------------------
 -- Bad input and sessions: the errors exchange gives
