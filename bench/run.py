@@ -1669,7 +1669,9 @@ def describe_machine(bench):
                 break
     pkg = lambda name: sh(["pkg-config", "--modversion", name])  # noqa: E731
     git = sh(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = sh(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
+    # The run's own outputs do not make the build measured another one.
+    dirty = sh(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                ":!bench/results.json", ":!bench/RESULTS.md"])
     return {
         "cores": os.cpu_count(), "memory_gib": round(mem_kb / 1048576, 1), "cpu": cpu,
         "kernel": platform.release(), "os": sh(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),

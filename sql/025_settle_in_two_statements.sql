@@ -4,7 +4,7 @@
 -- the settlement, the wake row (a subquery), _next_wake's own query, and the reply
 -- NOTIFYs. Each is an executor start-up, and B8 counts them: at 10 % load with eight
 -- daemons (every job pushed, every settle asking for a wake) statements per job rose
--- from 6.70 (exchange) to 8.2-8.5, past the target of 8 (bench/RESULTS.md, builds
+-- from 6.70 (exchange) to 8.2-8.5, past the target of 8 (bench/CHANGES.md, builds
 -- alternated). 011 met the same count when exchange tried asking _next_wake after
 -- its statement. Now one statement after the settlement sends the NOTIFYs and reads
 -- the wake time, with _next_wake's rule written out in it (as exchange writes it out
