@@ -684,12 +684,14 @@ def crash_after(db):
         finally:
             os.kill(walwriter, signal.SIGKILL)
         wait_for(lambda: not session_answers(witness), 60, interval=0.05, what="PostgreSQL taken down by the crash")
-    wait_for(lambda: db_answers(db), 60, interval=0.1, what="PostgreSQL back after the crash")
+    wait_for(lambda: db_runs(db), 60, interval=0.1, what="PostgreSQL back after the crash")
 
 
-def db_answers(db):
+def db_runs(db, statement="SELECT 1"):
+    """True once PostgreSQL runs the statement (False while it is down or recovering)."""
     try:
-        return db.one("SELECT 1") == 1
+        db.sql(statement)
+        return True
     except psycopg.Error:
         return False
 
@@ -780,8 +782,8 @@ def test_postgres_crash_then_the_lost_jobs_client_leaves(pg, fdb, procs):
             reused, lost_id)
     finally:
         # Also when the test failed during the crash: the later tests' gateways log in.
-        wait_for(lambda: db_answers(db), 60, interval=0.1, what="PostgreSQL answering")
-        db.sql("ALTER ROLE %s LOGIN" % GATEWAY_ROLE)
+        wait_for(lambda: db_runs(db, "ALTER ROLE %s LOGIN" % GATEWAY_ROLE), 60, interval=0.1,
+                 what="the gateway's role allowed to log in again")
     wait_for(lambda: "event=cancel_sent" in gw.output(), 30, what="the gateway sending its cancel")
     settle(db, 15)
     state, result = db.sql("SELECT state, result::text FROM dispatch.jobs WHERE id = %s", (reused,))[0]
