@@ -683,22 +683,16 @@ def crash_after(db):
             yield
         finally:
             os.kill(walwriter, signal.SIGKILL)
-        wait_for(lambda: not session_answers(witness), 60, interval=0.05, what="PostgreSQL taken down by the crash")
-    wait_for(lambda: db_runs(db), 60, interval=0.1, what="PostgreSQL back after the crash")
+        wait_for(lambda: not succeeds(lambda: witness.execute("SELECT 1")), 60, interval=0.05,
+                 what="PostgreSQL taken down by the crash")
+    wait_for(lambda: succeeds(lambda: db.sql("SELECT 1")), 60, interval=0.1, what="PostgreSQL back after the crash")
 
 
-def db_runs(db, statement="SELECT 1"):
-    """True once PostgreSQL runs the statement (False while it is down or recovering)."""
+def succeeds(statement):
+    """True if the statement ran (False while PostgreSQL is down or recovering)."""
     try:
-        db.sql(statement)
+        statement()
         return True
-    except psycopg.Error:
-        return False
-
-
-def session_answers(conn):
-    try:
-        return conn.execute("SELECT 1").fetchone()[0] == 1
     except psycopg.Error:
         return False
 
@@ -782,7 +776,7 @@ def test_postgres_crash_then_the_lost_jobs_client_leaves(pg, fdb, procs):
             reused, lost_id)
     finally:
         # Also when the test failed during the crash: the later tests' gateways log in.
-        wait_for(lambda: db_runs(db, "ALTER ROLE %s LOGIN" % GATEWAY_ROLE), 60, interval=0.1,
+        wait_for(lambda: succeeds(lambda: db.sql("ALTER ROLE %s LOGIN" % GATEWAY_ROLE)), 60, interval=0.1,
                  what="the gateway's role allowed to log in again")
     wait_for(lambda: "event=cancel_sent" in gw.output(), 30, what="the gateway sending its cancel")
     settle(db, 15)
