@@ -24,6 +24,9 @@ DEB_PACKAGES += clang libclang-rt-14-dev
 # Instructions per call of the hot SQL functions (bench/sqlcost.py, part of make bench).
 DEB_PACKAGES += valgrind
 
+# The network-cut fault test drops a daemon's packets with iptables (as root).
+DEB_PACKAGES += iptables
+
 COMMON_SRC  := $(wildcard src/common/*.c)
 GATEWAY_SRC := $(wildcard src/gateway/*.c)
 DAEMON_SRC  := $(wildcard daemon/*.c)

@@ -1790,6 +1790,12 @@ def write_report(data):
             if "submit_16" in ipc:
                 a("| same: `dispatch.submit_many` of 16 requests for one model, per call | %s |"
                   % "{:,}".format(ipc["submit_16"]))
+            if "submit_one_8k" in ipc:
+                a("| same: `dispatch.submit_many` of one request of 8 kB (a chat with some context), per call | %s |"
+                  % "{:,}".format(ipc["submit_one_8k"]))
+            if "exchange_10x10_4k" in ipc:
+                a("| same: `dispatch.exchange` settling 10 answers of 4 kB and leasing 10, per call | %s |"
+                  % "{:,}".format(ipc["exchange_10x10_4k"]))
             a("| same: the gateway's `dispatch.results` of one job, per call | %s |" % "{:,}".format(ipc["results_one"]))
             if "stream_8" in ipc:
                 a("| same: the daemon's `dispatch.stream` relaying one piece of each of 8 jobs, per call | %s |"

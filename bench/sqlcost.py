@@ -17,6 +17,10 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   submit_one       the gateway's submit_many of one request (to an empty queue)
   submit_push      the same, handed to an idle node that takes pushed jobs (015)
   submit_16        the same with 16 requests, as the gateway batches them under load
+  submit_one_8k    submit_one with a request of 8 kB (a chat with some context): what
+                   a submit costs per byte of the requests it is given
+  exchange_10x10_4k  exchange_10x10 with results of 4 kB (a long answer): what
+                   settling costs per byte of the results
   results_one      the gateway's read of one job (dispatch.results)
   stream_8         the daemon's relay of one stream piece of each of 8 jobs it holds
                    (dispatch.stream; each piece is a NOTIFY to the waiting gateway)
@@ -39,25 +43,55 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import pgharness  # noqa: E402
 
-RESULT = {"id": "chatcmpl-1", "object": "chat.completion", "model": "probe",
-          "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
-                       "finish_reason": "stop"}],
-          "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
-REQUEST = {"model": "light", "payload": {"model": "light", "messages": [{"role": "user", "content": "hello"}]}}
+def result_of(content):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "probe",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
 
 
-def outcomes(rows):
-    return json.dumps([{"id": i, "attempt": a, "result": RESULT} for i, a in rows]) if rows else None
+def request_of(content):
+    return {"model": "light", "payload": {"model": "light", "messages": [{"role": "user", "content": content}]}}
 
 
-def exchange_10x10(node, admin, calls):
+RESULT = result_of("hello")
+REQUEST = request_of("hello")
+
+
+def prose(size):
+    """About `size` bytes of words in a fixed pseudo-random order: text that compresses
+    about as well as a chat's (a repeated phrase would compress to almost nothing)."""
+    words = ("the of and to in is that for it as with was on be by at this are from or have an "
+             "they which one you had not but what all were when we there can more if will about "
+             "model request server answer token queue node lease job time first after because").split()
+    out, x = [], 12345
+    while sum(len(w) + 1 for w in out) < size:
+        x = (1103515245 * x + 12345) % 2 ** 31
+        out.append(words[x % len(words)])
+    return " ".join(out)
+
+
+# The size of a long answer and of a chat request that carries some context.
+RESULT_4K = result_of(prose(4000))
+REQUEST_8K = request_of(prose(8000))
+
+
+def outcomes(rows, result=RESULT):
+    return json.dumps([{"id": i, "attempt": a, "result": result} for i, a in rows]) if rows else None
+
+
+def exchange_10x10(node, admin, calls, result=RESULT):
     held = []
     for _ in range(calls):
         held = node.execute("SELECT id, attempt FROM dispatch.exchange(%s, 10) WHERE kind = 'job'",
-                            (outcomes(held),)).fetchall()
+                            (outcomes(held, result),)).fetchall()
         node.commit()
         if len(held) != 10:
             raise SystemExit("sqlcost: exchange_10x10 leased %d jobs, expected 10" % len(held))
+
+
+def exchange_10x10_4k(node, admin, calls):
+    exchange_10x10(node, admin, calls, RESULT_4K)
 
 
 def exchange_light(node, admin, calls):
@@ -73,8 +107,8 @@ def exchange_light(node, admin, calls):
         node.commit()
 
 
-def submit(gateway, admin, calls, requests, state="queued"):
-    body = json.dumps([REQUEST] * requests)
+def submit(gateway, admin, calls, requests, state="queued", request=REQUEST):
+    body = json.dumps([request] * requests)
     for _ in range(calls):
         rows = gateway.execute("SELECT id, sqlstate FROM dispatch.submit_many(%s, 'gw_reply')", (body,)).fetchall()
         gateway.commit()
@@ -90,6 +124,10 @@ def submit(gateway, admin, calls, requests, state="queued"):
 
 def submit_one(gateway, admin, calls):
     submit(gateway, admin, calls, 1)
+
+
+def submit_one_8k(gateway, admin, calls):
+    submit(gateway, admin, calls, 1, request=REQUEST_8K)
 
 
 def submit_push(gateway, admin, calls):
@@ -134,6 +172,8 @@ SHAPES = {
     "submit_one": (submit_one, "sqlcost_gateway", False, False),
     "submit_push": (submit_push, "sqlcost_gateway", False, True),
     "submit_16": (submit_16, "sqlcost_gateway", False, False),
+    "submit_one_8k": (submit_one_8k, "sqlcost_gateway", False, False),
+    "exchange_10x10_4k": (exchange_10x10_4k, "dispatch_node_probe", True, False),
     "results_one": (results_one, "sqlcost_gateway", False, False),
     "stream_8": (stream_8, "dispatch_node_stream", True, False),
 }

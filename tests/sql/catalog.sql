@@ -3,7 +3,7 @@
 -- on every function a role may call.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(12);
+SELECT plan(13);
 
 CREATE FUNCTION pg_temp.plan_of(q text) RETURNS json LANGUAGE plpgsql AS $$
 DECLARE p json;
@@ -82,6 +82,14 @@ SELECT is_empty($$
     JOIN pg_proc p ON p.oid = f.oid
     WHERE NOT coalesce(p.proconfig @> ARRAY['plan_cache_mode=force_generic_plan'], false)
 $$, 'the functions on a request''s path keep one generic plan per session');
+
+-- 026: pglz cost a settlement of long answers more than parsing them.
+SELECT is((SELECT array_agg(a.attname::text || ' ' || a.attcompression::text ORDER BY a.attname) FROM pg_attribute a
+           WHERE a.attrelid = 'dispatch.jobs'::regclass AND a.attname IN ('payload', 'result')),
+          CASE WHEN EXISTS (SELECT 1 FROM pg_settings s
+                            WHERE s.name = 'default_toast_compression' AND 'lz4' = ANY (s.enumvals))
+               THEN ARRAY['payload l', 'result l'] ELSE ARRAY['payload ', 'result '] END,
+          'payloads and results are compressed with lz4 where the server has it');
 
 SELECT is(dispatch.schema_version(), (SELECT max(version) FROM dispatch.migrations),
           'schema_version reports the newest migration');
