@@ -1793,6 +1793,9 @@ def write_report(data):
             if "submit_one_8k" in ipc:
                 a("| same: `dispatch.submit_many` of one request of 8 kB (a chat with some context), per call | %s |"
                   % "{:,}".format(ipc["submit_one_8k"]))
+            if "submit_key_8k" in ipc:
+                a("| same, with an idempotency key (the general path, as a keyed `POST /v1/jobs`) | %s |"
+                  % "{:,}".format(ipc["submit_key_8k"]))
             if "exchange_10x10_4k" in ipc:
                 a("| same: `dispatch.exchange` settling 10 answers of 4 kB and leasing 10, per call | %s |"
                   % "{:,}".format(ipc["exchange_10x10_4k"]))

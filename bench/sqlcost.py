@@ -19,6 +19,8 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   submit_16        the same with 16 requests, as the gateway batches them under load
   submit_one_8k    submit_one with a request of 8 kB (a chat with some context): what
                    a submit costs per byte of the requests it is given
+  submit_key_8k    submit_one_8k with an idempotency key, which takes the general
+                   path (as POST /v1/jobs with an Idempotency-Key does)
   exchange_10x10_4k  exchange_10x10 with results of 4 kB (a long answer): what
                    settling costs per byte of the results
   results_one      the gateway's read of one job (dispatch.results)
@@ -107,9 +109,11 @@ def exchange_light(node, admin, calls):
         node.commit()
 
 
-def submit(gateway, admin, calls, requests, state="queued", request=REQUEST):
-    body = json.dumps([request] * requests)
-    for _ in range(calls):
+def submit(gateway, admin, calls, requests, state="queued", request=REQUEST, keyed=False):
+    for call in range(calls):
+        # A key is new in each call: a repeated one would be a replay of the first.
+        body = json.dumps([dict(request, idempotency_key="key-%d-%d" % (call, k)) if keyed else request
+                           for k in range(requests)])
         rows = gateway.execute("SELECT id, sqlstate FROM dispatch.submit_many(%s, 'gw_reply')", (body,)).fetchall()
         gateway.commit()
         if len(rows) != requests or any(r[1] is not None for r in rows):
@@ -128,6 +132,10 @@ def submit_one(gateway, admin, calls):
 
 def submit_one_8k(gateway, admin, calls):
     submit(gateway, admin, calls, 1, request=REQUEST_8K)
+
+
+def submit_key_8k(gateway, admin, calls):
+    submit(gateway, admin, calls, 1, request=REQUEST_8K, keyed=True)
 
 
 def submit_push(gateway, admin, calls):
@@ -173,6 +181,7 @@ SHAPES = {
     "submit_push": (submit_push, "sqlcost_gateway", False, True),
     "submit_16": (submit_16, "sqlcost_gateway", False, False),
     "submit_one_8k": (submit_one_8k, "sqlcost_gateway", False, False),
+    "submit_key_8k": (submit_key_8k, "sqlcost_gateway", False, False),
     "exchange_10x10_4k": (exchange_10x10_4k, "dispatch_node_probe", True, False),
     "results_one": (results_one, "sqlcost_gateway", False, False),
     "stream_8": (stream_8, "dispatch_node_stream", True, False),

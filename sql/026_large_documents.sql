@@ -2,9 +2,9 @@
 --
 -- A chat request carries its context and an answer can be long; what a submit and a
 -- settlement cost grows with their bytes, which bench/sqlcost.py's small shapes did
--- not show. Measured with two new shapes (callgrind, instructions per call): one
--- request of 8 kB, and exchange_10x10 with answers of 4 kB, each text of words that
--- compresses about as well as a chat's (3:1 with zlib).
+-- not show. Measured with new shapes (callgrind, instructions per call): one request
+-- of 8 kB, the same with an idempotency key, and exchange_10x10 with answers of 4 kB,
+-- each of words that compress about as well as a chat's (3:1 with zlib).
 --
 -- 1. submit_many's short path read its batch nine times: the parameter's own check,
 --    json_array_length, ->0->>'model' (which reads the whole array, then the
@@ -14,21 +14,28 @@
 --    (a request_fields[]), and takes the count and the model from them; the INSERT
 --    reads that array. Four readings: the parameter's check, the split, the element,
 --    the payload (a json value is checked when it is made). Same paths, rows, errors.
--- 2. exchange and settle parsed every outcome once more than they used it, with
+-- 2. The general path (idempotency keys, malformed elements, several models) read
+--    each element once in _request_problem and eight times more with -> and ->>.
+--    It now reads the fields as the short path does, and _request_problem goes.
+-- 3. exchange and settle parsed every outcome once more than they used it, with
 --    json_array_length, only to tell whether any came (to keep the durable commit).
--- 3. A payload or a result over 2 kB is compressed when stored (TOAST), with pglz by
+-- 4. A payload or a result over 2 kB is compressed when stored (TOAST), with pglz by
 --    default: in the 4 kB answers' round trip, more instructions than parsing them.
 --    lz4 costs a fraction of that and decompresses faster too; it is used for payload
 --    and result where the server is built with it (Debian's is; a server without it
 --    keeps pglz). Only values written from now on are compressed so.
 --
--- | instructions per call          | 025        | 1-2        | 1-3       |
--- |--------------------------------|------------|------------|-----------|
--- | submit_many, one request, 8 kB |  4,888,704 |  3,576,513 | 2,179,281 |
--- | exchange 10x10, answers 4 kB   | 14,327,408 | 13,630,262 | 8,470,089 |
+-- | instructions per call            | 025        | 026       |
+-- |----------------------------------|------------|-----------|
+-- | submit_many, one request of 8 kB |  4,888,704 | 2,193,165 |
+-- | the same with a key (general)    |  9,606,321 | 4,448,559 |
+-- | exchange 10x10, answers of 4 kB  | 14,327,408 | 8,505,902 |
+-- | submit_many, 16 small requests   |  2,868,060 | 2,554,814 |
+-- | exchange 10x10, small answers    |  3,707,721 | 3,605,342 |
 --
--- The small shapes: exchange_10x10 -3 %, submit_16 -11 %, submit_one and submit_push
--- +1 % (the fields array), exchange_light unchanged.
+-- Without lz4 (1-3 only): 3,576,513 and 13,630,262 for the first and the third. A
+-- one-request submit of a small request costs 1 % more (1,136,026 -> 1,147,405: the
+-- fields array), the light-load lease and settle the same.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
 
@@ -229,6 +236,182 @@ BEGIN
     END LOOP;
 END
 $$;
+
+CREATE OR REPLACE FUNCTION dispatch._submit_many_general(p_requests json, p_reply_channel text DEFAULT NULL)
+RETURNS TABLE (idx integer, id bigint, sqlstate text, message text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off SET enable_seqscan = off AS $$
+#variable_conflict use_column
+DECLARE
+    v_out dispatch.submit_outcome[] := '{}';
+    v_row dispatch.submit_outcome;
+    v_lost boolean := false;
+BEGIN
+    IF p_reply_channel IS NOT NULL AND p_reply_channel !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'reply channel "%" is not a valid channel name (lower-case letters, digits, _; at most 63)',
+            p_reply_channel USING ERRCODE = '22023';
+    END IF;
+    IF p_requests IS NULL OR json_typeof(p_requests) <> 'array' THEN
+        RAISE EXCEPTION 'requests must be a JSON array' USING ERRCODE = '22023';
+    END IF;
+
+    FOR v_row IN
+        WITH settings AS MATERIALIZED (
+            SELECT max(s.value) FILTER (WHERE s.key = 'default_max_attempts')::integer AS default_attempts,
+                   max(s.value) FILTER (WHERE s.key = 'queue_depth_per_slot') AS depth
+            FROM dispatch.settings s WHERE s.key IN ('default_max_attempts', 'queue_depth_per_slot')
+        ),
+        -- Each element parsed once (its fields read as the short path reads them).
+        parsed AS MATERIALIZED (
+            SELECT e.ord::integer AS idx, dispatch._fields_problem(e.r, f) AS problem,
+                   f.model #>> '{}' AS model, coalesce(f.endpoint #>> '{}', '/v1/chat/completions') AS endpoint,
+                   f.payload, f.idempotency_key #>> '{}' AS idempotency_key, f
+            FROM json_array_elements(p_requests) WITH ORDINALITY AS e(r, ord)
+            CROSS JOIN LATERAL json_populate_record(NULL::dispatch.request_fields,
+                                                    CASE WHEN json_typeof(e.r) = 'object' THEN e.r END) AS f
+        ),
+        good AS MATERIALIZED (
+            SELECT p.idx, p.model, p.endpoint, p.payload, p.idempotency_key, (p.f).stream_token #>> '{}' AS stream_token,
+                   coalesce((p.f).priority::text::integer, 0) AS priority,
+                   (p.f).timeout_ms::text::bigint AS timeout_ms,
+                   coalesce((p.f).max_attempts::text::integer, st.default_attempts) AS max_attempts
+            FROM parsed p, settings st WHERE p.problem IS NULL
+        ),
+        prior AS MATERIALIZED (
+            SELECT g.idx, j.id, j.state, g.stream_token,
+                   (j.model <> g.model OR j.endpoint <> g.endpoint OR j.payload::text <> g.payload::text) AS mismatch
+            FROM good g JOIN dispatch.jobs j ON j.idempotency_key = g.idempotency_key
+        ),
+        redirected AS (
+            -- A replay moves the answer of an unfinished job to this caller's channel.
+            UPDATE dispatch.jobs j SET reply_channel = p_reply_channel, stream_token = prior.stream_token
+            FROM prior
+            WHERE prior.id = j.id AND NOT prior.mismatch AND p_reply_channel IS NOT NULL
+              AND j.state IN ('queued', 'leased')
+              AND (j.reply_channel IS DISTINCT FROM p_reply_channel OR j.stream_token IS DISTINCT FROM prior.stream_token)
+            RETURNING j.id
+        ),
+        fresh AS MATERIALIZED (
+            SELECT g.*, row_number() OVER (PARTITION BY g.model ORDER BY g.idx) AS nth
+            FROM good g WHERE NOT EXISTS (SELECT 1 FROM prior WHERE prior.idx = g.idx)
+        ),
+        room AS MATERIALIZED (
+            SELECT m.model, c.capacity, c.tier,
+                   (EXISTS (SELECT 1 FROM dispatch.nodes n WHERE m.model = ANY (n.models))
+                    OR EXISTS (SELECT 1 FROM dispatch.capacity_overrides o WHERE o.model = m.model)) AS known,
+                   floor(coalesce(c.capacity, 0) * st.depth)::bigint AS queue_limit
+            FROM (SELECT DISTINCT f.model FROM fresh f) m
+            CROSS JOIN settings st
+            LEFT JOIN dispatch.model_capacity c ON c.model = m.model
+        ),
+        free AS MATERIALIZED (
+            SELECT r.*, r.queue_limit - (SELECT count(*) FROM (
+                            SELECT 1 FROM dispatch.jobs j WHERE j.state = 'queued' AND j.model = r.model
+                            LIMIT r.queue_limit) q) AS free
+            FROM room r WHERE r.known AND coalesce(r.capacity, 0) > 0
+        ),
+        admitted AS MATERIALIZED (
+            SELECT f.*, nextval(pg_get_serial_sequence('dispatch.jobs', 'id')) AS new_id
+            FROM fresh f JOIN free fr ON fr.model = f.model
+            WHERE f.nth <= fr.free
+            ORDER BY f.idx
+        ),
+        ins AS (
+            INSERT INTO dispatch.jobs (id, model, endpoint, payload, priority, max_attempts, deadline,
+                                       reply_channel, idempotency_key, stream_token)
+            OVERRIDING SYSTEM VALUE
+            SELECT a.new_id, a.model, a.endpoint, a.payload, a.priority, a.max_attempts,
+                   now() + make_interval(secs => a.timeout_ms / 1000.0), p_reply_channel, a.idempotency_key,
+                   a.stream_token
+            FROM admitted a ORDER BY a.idx
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING dispatch.jobs.id, dispatch.jobs.model
+        ),
+        -- One NOTIFY per model wakes the nodes that can take its new jobs soonest:
+        -- payload = the ids of as many live serving nodes as there are new jobs,
+        -- most free slots first (empty: all of them). A node not named looks a
+        -- little later anyway (the daemon's standby wake), so a named node that
+        -- dies does not strand the job; and a busy node leases again as its jobs end.
+        woken AS MATERIALIZED (
+            SELECT count(pg_notify(dispatch.model_channel(m.model), coalesce(t.targets, ''))) AS n
+            FROM (SELECT i.model, count(*) AS k FROM ins i GROUP BY i.model) m
+            LEFT JOIN LATERAL (
+                SELECT string_agg(c.id::text, ',') AS targets
+                FROM (SELECT s.id, count(*) OVER () AS serving
+                      FROM dispatch.serving_nodes s
+                      WHERE m.model = ANY (s.models)
+                      ORDER BY (SELECT count(*) FROM dispatch.jobs j
+                                WHERE j.state = 'leased' AND j.leased_by = s.id) - s.slots, random()
+                      LIMIT m.k) c
+                HAVING count(*) < max(c.serving)) t ON true
+        )
+        SELECT p.idx,
+               coalesce(pr.id, i.id),
+               CASE WHEN p.problem IS NOT NULL THEN '22023'
+                    WHEN pr.mismatch THEN 'PD008'
+                    WHEN pr.id IS NOT NULL THEN NULL
+                    WHEN NOT r.known THEN 'PD001'
+                    WHEN coalesce(r.capacity, 0) = 0 THEN 'PD002'
+                    WHEN a.new_id IS NULL THEN 'PD003'
+                    WHEN i.id IS NULL THEN 'lost' END,
+               CASE WHEN p.problem IS NOT NULL THEN p.problem
+                    WHEN pr.mismatch THEN format('idempotency key "%s" was already used for a different request (job %s)',
+                                                  p.idempotency_key, pr.id)
+                    WHEN pr.id IS NOT NULL THEN NULL
+                    WHEN NOT r.known THEN format('model "%s" is not served by any node', p.model)
+                    WHEN coalesce(r.capacity, 0) = 0 THEN
+                         format('no live healthy node serves model "%s" (capacity 0, tier %s)', p.model, r.tier)
+                    WHEN a.new_id IS NULL THEN
+                         format('queue for model "%s" is full (limit %s: capacity %s x %s per slot)',
+                                p.model, r.queue_limit, r.capacity, st.depth) END,
+               p.model, i.id IS NOT NULL, p.idempotency_key
+        FROM parsed p
+        CROSS JOIN settings st
+        CROSS JOIN woken
+        LEFT JOIN prior pr ON pr.idx = p.idx
+        LEFT JOIN room r ON r.model = p.model AND p.problem IS NULL AND pr.id IS NULL
+        LEFT JOIN admitted a ON a.idx = p.idx
+        LEFT JOIN ins i ON i.id = a.new_id
+        ORDER BY p.idx
+    LOOP
+        v_out := v_out || v_row;
+        v_lost := v_lost OR v_row.sqlstate = 'lost';
+    END LOOP;
+
+    -- A keyed element whose insert was skipped lost a race with a concurrent
+    -- submit of the same key (which has committed by now), or repeats a key of an
+    -- earlier element of this batch: it takes that job if the request is the same,
+    -- and is refused with PD008 like any other reuse of the key if it is not.
+    IF v_lost THEN
+        SELECT array_agg(CASE WHEN o.sqlstate = 'lost'
+                              THEN ROW(o.idx, j.id,
+                                       CASE WHEN j.id IS NULL THEN 'PD003' WHEN x.mismatch THEN 'PD008' END,
+                                       CASE WHEN j.id IS NULL THEN 'idempotent submit raced and lost; retry'
+                                            WHEN x.mismatch THEN
+                                                format('idempotency key "%s" was already used for a different request (job %s)',
+                                                       o.idempotency_key, j.id) END,
+                                       o.model, false, o.idempotency_key)::dispatch.submit_outcome
+                              ELSE o END ORDER BY o.idx)
+        INTO v_out
+        FROM unnest(v_out) o
+        LEFT JOIN dispatch.jobs j ON o.sqlstate = 'lost' AND j.idempotency_key = o.idempotency_key
+        LEFT JOIN LATERAL (SELECT j.model <> o.model
+                                  OR j.endpoint <> coalesce(p_requests->(o.idx - 1)->>'endpoint', '/v1/chat/completions')
+                                  OR j.payload::text <> (p_requests->(o.idx - 1)->'payload')::text AS mismatch) x
+               ON j.id IS NOT NULL;
+    END IF;
+
+    FOREACH v_row IN ARRAY v_out LOOP
+        idx := v_row.idx;
+        id := v_row.id;
+        sqlstate := v_row.sqlstate;
+        message := v_row.message;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- The general path read each element with _request_problem; nothing calls it now.
+DROP FUNCTION dispatch._request_problem(json);
 
 CREATE OR REPLACE FUNCTION dispatch.exchange(p_outcomes json, p_max_jobs integer)
 RETURNS SETOF dispatch.exchange_row

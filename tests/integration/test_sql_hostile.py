@@ -293,7 +293,7 @@ DENIED_FOR_NODE = [
     "SELECT dispatch._node_live(2, 1)",
     "SELECT * FROM dispatch._serving_nodes()",
     "SELECT dispatch._settle_one(1, 1, '{}')",
-    "SELECT dispatch._request_problem('{}')",
+    "SELECT dispatch._fields_problem('{}', NULL)",
     "SELECT dispatch._check_text('x', 'y', 1, true)",
     "SELECT dispatch._lock_class()",
     "SELECT * FROM dispatch._capacity('mb')",
