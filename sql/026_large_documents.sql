@@ -23,7 +23,8 @@
 --    default: in the 4 kB answers' round trip, more instructions than parsing them.
 --    lz4 costs a fraction of that and decompresses faster too; it is used for payload
 --    and result where the server is built with it (Debian's is; a server without it
---    keeps pglz). Only values written from now on are compressed so.
+--    keeps pglz). Only values written from now on are compressed so: SET COMPRESSION
+--    rewrites nothing, and holds the jobs table's lock only until this commits.
 --
 -- | instructions per call            | 025        | 026       |
 -- |----------------------------------|------------|-----------|
