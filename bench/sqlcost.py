@@ -66,10 +66,11 @@ def prose(size):
     words = ("the of and to in is that for it as with was on be by at this are from or have an "
              "they which one you had not but what all were when we there can more if will about "
              "model request server answer token queue node lease job time first after because").split()
-    out, x = [], 12345
-    while sum(len(w) + 1 for w in out) < size:
+    out, length, x = [], 0, 12345
+    while length < size:
         x = (1103515245 * x + 12345) % 2 ** 31
         out.append(words[x % len(words)])
+        length += len(out[-1]) + 1
     return " ".join(out)
 
 
