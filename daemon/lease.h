@@ -16,16 +16,18 @@
  * database's now(), so the daemon's clock never has to agree with the server's. */
 extern const char LEASE_SQL_REGISTER[];    /* $1 family, $2 text[] models, $3 int, $4 region, $5 jsonb */
 extern const char LEASE_SQL_EXCHANGE[];    /* $1 json outcomes, $2 int max_jobs; prepared as "pgd_exchange" */
-extern const char LEASE_SQL_EXTEND[];      /* $1 bigint[] ids, $2 int[] attempts */
+extern const char LEASE_SQL_EXTEND[];      /* $1 bigint[] ids, $2 int[] attempts; prepared as "pgd_extend" */
 extern const char LEASE_SQL_REPORT[];      /* $1 health, $2 reason, $3 int max_concurrency,
                                             * $4 int lease-ahead allowance */
 extern const char LEASE_SQL_DEREGISTER[];
-extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok */
+extern const char LEASE_SQL_STREAM[];      /* $1 json chunks → id, attempt, ok; prepared as "pgd_stream" */
 extern const char LEASE_SQL_REFUSE_PUSHES[];   /* dispatch.accept_pushes(false) */
 extern const char LEASE_SQL_SETTLE[];      /* $1 json outcomes, $2 boolean wake row wanted; same
                                             * columns as LEASE_SQL_EXCHANGE; prepared as "pgd_settle" */
 #define LEASE_EXCHANGE_STMT "pgd_exchange"
 #define LEASE_SETTLE_STMT "pgd_settle"
+#define LEASE_EXTEND_STMT "pgd_extend"
+#define LEASE_STREAM_STMT "pgd_stream"
 
 /* An error outcome as the daemon reports it to dispatch.exchange. */
 typedef struct {

@@ -281,6 +281,18 @@ int db_drain_notifications(PGconn *conn, db_notify_fn fn, void *ctx, char *err, 
     return handled;
 }
 
+int db_prepare(PGconn *conn, const char *name, const char *sql, char *err, size_t errlen)
+{
+    char why[900];
+    PGresult *res = PQprepare(conn, name, sql, 0, NULL);
+    bool ok = db_result_ok(res, conn, NULL, why, sizeof why);
+
+    PQclear(res);
+    if (!ok)
+        db_error(err, errlen, "cannot prepare statement %s: %s", name, why);
+    return ok ? 0 : -1;
+}
+
 bool db_result_ok(const PGresult *res, const PGconn *conn, char *sqlstate, char *err, size_t errlen)
 {
     const char *code, *primary;

@@ -24,6 +24,10 @@ PGconn *db_connect_start(const char *conninfo, const char *application_name, cha
 /* LISTEN on each channel (quoted with PQescapeIdentifier). 0 on success, -1 with err. */
 int db_listen(PGconn *conn, const char *const *channels, size_t count, char *err, size_t errlen);
 
+/* Prepare sql as the named statement (blocking, one round trip). 0 on success, -1 with
+ * err naming the statement and the server's reason. */
+int db_prepare(PGconn *conn, const char *name, const char *sql, char *err, size_t errlen);
+
 /* Consume input and call fn for each pending notification (payload may be "").
  * Returns the number handled, or -1 when the connection is broken (err filled). */
 typedef void (*db_notify_fn)(void *ctx, const char *channel, const char *payload);

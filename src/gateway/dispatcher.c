@@ -228,6 +228,21 @@ static const char SQL_STATUS_WITH_NODES[] = SQL_STATUS_HEAD SQL_STATUS_NODES SQL
 /* For a role without EXECUTE on dispatch.nodes() (dispatch_gateway has none). */
 static const char SQL_STATUS_NO_NODES[] = SQL_STATUS_HEAD "NULL::json" SQL_STATUS_TAIL;
 
+/* The statements sent for requests, prepared on each worker connection when it
+ * connects: parsed and planned again at every call, they cost the server more than
+ * running them did. */
+typedef enum { STMT_SUBMIT, STMT_SUBMIT_NO_FLUSH, STMT_RESULTS, STMT_CANCELS, STMT_COUNT } stmt_t;
+
+static const struct {
+    const char *name;
+    const char *sql;
+} PREPARED[STMT_COUNT] = {
+    [STMT_SUBMIT] = { "gw_submit", SQL_SUBMIT },
+    [STMT_SUBMIT_NO_FLUSH] = { "gw_submit_no_flush", SQL_SUBMIT_NO_FLUSH },
+    [STMT_RESULTS] = { "gw_results", SQL_RESULTS },
+    [STMT_CANCELS] = { "gw_cancels", SQL_CANCELS },
+};
+
 /* ---- small containers ------------------------------------------------------- */
 
 static void queue_push(queue_t *q, call_t *c)
@@ -663,12 +678,13 @@ static void worker_reset(worker_t *w)
 
 static void dispatcher_lost(dispatcher_t *d, const char *why);
 
-/* Send a statement on w; false when the connection broke (already handled). */
-static bool worker_send(dispatcher_t *d, worker_t *w, const char *sql, int nparams, const char *const *values)
+/* After a statement was queued on w (ok: what PQsend* returned): flush it. False when
+ * the connection broke (already handled). */
+static bool worker_sent(dispatcher_t *d, worker_t *w, int ok)
 {
     int rc;
 
-    if (!PQsendQueryParams(w->conn, sql, nparams, NULL, values, NULL, NULL, 0)) {
+    if (!ok) {
         char msg[512];
 
         snprintf(msg, sizeof msg, "%s", PQerrorMessage(w->conn));
@@ -683,6 +699,16 @@ static bool worker_send(dispatcher_t *d, worker_t *w, const char *sql, int npara
     }
     w->flushing = rc == 1;
     return true;
+}
+
+static bool worker_send(dispatcher_t *d, worker_t *w, const char *sql, int nparams, const char *const *values)
+{
+    return worker_sent(d, w, PQsendQueryParams(w->conn, sql, nparams, NULL, values, NULL, NULL, 0));
+}
+
+static bool worker_execute(dispatcher_t *d, worker_t *w, stmt_t stmt, int nparams, const char *const *values)
+{
+    return worker_sent(d, w, PQsendQueryPrepared(w->conn, PREPARED[stmt].name, nparams, values, NULL, NULL, 0));
 }
 
 /* When building a batch's parameter ran out of memory: every call of the batch gets
@@ -729,7 +755,7 @@ static void dispatcher_start_submit(dispatcher_t *d, worker_t *w, bool async)
     d->last_submit_async = async;
     log_debug("submit_sent", "batch=%zu bytes=%zu channel=%s durable=%s", w->ncalls, b.len, values[1],
               durable ? "true" : "false");
-    worker_send(d, w, durable ? SQL_SUBMIT : SQL_SUBMIT_NO_FLUSH, 2, values);
+    worker_execute(d, w, durable ? STMT_SUBMIT : STMT_SUBMIT_NO_FLUSH, 2, values);
     buf_free(&b);
 }
 
@@ -762,7 +788,7 @@ static void dispatcher_start_results(dispatcher_t *d, worker_t *w)
         return;
     values[0] = b.data;
     d->results_in_flight = true;
-    worker_send(d, w, SQL_RESULTS, 1, values);
+    worker_execute(d, w, STMT_RESULTS, 1, values);
     buf_free(&b);
 }
 
@@ -824,7 +850,7 @@ static void dispatcher_start_cancels(dispatcher_t *d, worker_t *w)
         return;
     }
     log_debug("cancel_sent", "jobs=%zu reason=\"%s\"", w->ids.n, w->reason);
-    worker_send(d, w, SQL_CANCELS, 3, values);
+    worker_execute(d, w, STMT_CANCELS, 3, values);
     buf_free(&ids);
     buf_free(&created);
 }
@@ -1837,6 +1863,9 @@ static void dispatcher_connect(dispatcher_t *d)
         d->workers[i].conn = db_connect(d->conninfo, "pgdispatch-gateway", err, sizeof err);
         if (!d->workers[i].conn)
             goto fail;
+        for (int s = 0; s < STMT_COUNT; s++)
+            if (db_prepare(d->workers[i].conn, PREPARED[s].name, PREPARED[s].sql, err, sizeof err) != 0)
+                goto fail;
         PQsetnonblocking(d->workers[i].conn, 1);
     }
     d->connected = true;

@@ -375,6 +375,38 @@ def test_many_chunks_and_the_gateway_keeps_serving(db, workers, gateway):
     assert st == 200 and answer_text(body) == "echo: plain"
 
 
+def test_the_statements_sent_per_request_are_planned_once_per_connection(db, workers, gateway):
+    """What the gateway sends for every request (submit, results) and what the daemon
+    sends for every job and stream piece is prepared once on each connection: with
+    pg_stat_statements.track_planning on, such a statement is planned a few times per
+    connection (custom plans, then the generic one), however often it runs. Sent as
+    text, it would be planned at every call."""
+    db.sql('ALTER DATABASE "%s" SET pg_stat_statements.track_planning = on' % db.name)
+    w = workers("n1", ["m1"])
+    port = gateway()                      # 2 database connections
+    w.configure(stream_chunks=4)
+    for i in range(40):
+        st, _, events = stream_all(port, chat_body("m1", "streamed %d" % i))
+        assert st == 200 and text_of(events) == "echo: streamed %d" % i
+        st, _, body = request(port, "POST", CHAT, chat_body("m1", "plain %d" % i))
+        assert st == 200 and answer_text(body) == "echo: plain %d" % i
+    rows = db.sql(
+        "SELECT substring(s.query FROM 'dispatch\\.([a-z_]+)\\('), sum(s.calls)::int, sum(s.plans)::int "
+        "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+        "WHERE d.datname = current_database() AND s.toplevel AND s.userid <> 'postgres'::regrole "
+        "AND s.query ~ 'dispatch\\.(submit_many|results|stream|exchange|settle)\\(' GROUP BY 1")
+    counts = {fn: (calls, plans) for fn, calls, plans in rows}
+    # The daemon's statements only when the real daemon runs (not the stand-in).
+    daemon = ["stream", "exchange", "settle"] if USE_REAL_STREAM else []
+    for fn in ["submit_many", "results"] + daemon[:1]:
+        assert counts.get(fn, (0, 0))[0] >= 40, counts
+    if daemon:
+        assert sum(counts.get(fn, (0, 0))[0] for fn in daemon[1:]) >= 40, counts
+    for fn in ["submit_many", "results"] + daemon:
+        calls, plans = counts.get(fn, (0, 0))
+        assert plans <= 2 * 6, "%s: %d plans for %d calls (%s)" % (fn, plans, calls, counts)
+
+
 # ---------------------------------------------------------------------------
 # The relay protocol (stand-in only)
 # ---------------------------------------------------------------------------
