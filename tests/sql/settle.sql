@@ -4,7 +4,7 @@
 -- now() is fixed inside the test transaction.
 BEGIN;
 CREATE EXTENSION IF NOT EXISTS pgtap;
-SELECT plan(23);
+SELECT plan(24);
 
 SELECT is(dispatch.enroll('gpu-a'), 'dispatch_node_gpu_a', 'enroll gpu-a');
 SELECT is(dispatch.enroll('gpu-b'), 'dispatch_node_gpu_b', 'enroll gpu-b');
@@ -91,6 +91,14 @@ SELECT results_eq(format('SELECT state, attempt FROM dispatch.jobs WHERE id = %s
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
 SELECT results_eq($$SELECT kind, lease_expires_at FROM dispatch.settle(NULL, true)$$,
                   $$VALUES ('wake', now() + interval '1 s')$$, 'settle, wake: the retries it queued come due first');
+RESET SESSION AUTHORIZATION;
+-- 027: a retry already due when settle runs (it came due after the node's last
+-- exchange) is a reason to look now; 025's rule skipped it and the job waited for its deadline.
+UPDATE dispatch.jobs SET created_at = now() - interval '10 s', run_at = now() - interval '1 s'
+WHERE id IN (SELECT id FROM twins WHERE name = 'retry');
+SET SESSION AUTHORIZATION dispatch_node_gpu_a;
+SELECT results_eq($$SELECT kind, lease_expires_at FROM dispatch.settle(NULL, true)$$,
+                  $$VALUES ('wake', now() - interval '1 s')$$, 'settle, wake: a retry already due says look now');
 RESET SESSION AUTHORIZATION;
 UPDATE dispatch.jobs SET state = 'failed', finished_at = now() WHERE id IN (SELECT id FROM twins WHERE name = 'retry');
 SET SESSION AUTHORIZATION dispatch_node_gpu_a;
