@@ -144,8 +144,8 @@ typedef struct {
 static void db_lost(daemon_t *d, const char *why);
 
 /* The statements prepared on every connection, in this order: those sent many times a
- * second. Parsing and planning one again at each call cost the database more than
- * running it (perf of B9: a seventh of PostgreSQL's time went to parse and plan). */
+ * second, which sent as text are parsed and planned again at each call (perf of B9: a
+ * seventh of PostgreSQL's time went to that). */
 static const struct {
     const char *name;
     const char *sql;
