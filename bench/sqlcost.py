@@ -27,7 +27,9 @@ Shapes measured (each in its own session, on a queue of 200,000 jobs):
   stream_8         the daemon's relay of one stream piece of each of 8 jobs it holds
                    (dispatch.stream; each piece is a NOTIFY to the waiting gateway)
 
-Usage: bench/sqlcost.py [--calls N] [--json FILE] [--shapes a,b]   (needs valgrind; a few minutes)
+Usage: bench/sqlcost.py [--calls N] [--json FILE] [--shapes a,b] [--keep DIR]   (needs valgrind;
+a few minutes). --keep copies the callgrind output of each shape's longer session to
+DIR/<shape>.callgrind, for callgrind_annotate --inclusive=yes.
 """
 import argparse
 import contextlib
@@ -248,7 +250,7 @@ def register(conn, role):
     conn.commit()
 
 
-def session_instructions(cg, cluster, shape, calls):
+def session_instructions(cg, cluster, shape, calls, keep=None):
     """Instructions of one measured session running `calls` calls of `shape`. A submit
     needs a live node serving its model: a second, unmeasured session is that node."""
     fn, role, is_node, pushes = SHAPES[shape]
@@ -268,10 +270,13 @@ def session_instructions(cg, cluster, shape, calls):
         pid = s.execute("SELECT pg_backend_pid()").fetchone()[0]
         s.commit()  # a transaction left open would keep an older now() than the jobs' run_at
         fn(s, admin, calls)
-    return cg.instructions(pid)
+    count = cg.instructions(pid)
+    if keep:
+        shutil.copy(os.path.join(cg.out, "cg.%d" % pid), os.path.join(keep, "%s.callgrind" % shape))
+    return count
 
 
-def measure(calls=20, log=print, shapes=None):
+def measure(calls=20, log=print, shapes=None, keep=None):
     """Instructions per call of each shape (exchange_light: per lease-and-settle pair)."""
     if not shutil.which("valgrind"):
         raise SystemExit("sqlcost: valgrind is not installed (apt-get install valgrind)")
@@ -295,7 +300,7 @@ def measure(calls=20, log=print, shapes=None):
         figures = {}
         for shape in shapes or SHAPES:
             short = session_instructions(cg, cluster, shape, calls)
-            long = session_instructions(cg, cluster, shape, 6 * calls)
+            long = session_instructions(cg, cluster, shape, 6 * calls, keep)
             figures[shape] = round((long - short) / (5 * calls))
             log("sqlcost: %s %d instructions per call" % (shape, figures[shape]))
         return figures
@@ -310,12 +315,15 @@ def main():
     ap.add_argument("--calls", type=int, default=20, help="N: sessions of N and 6N calls (default 20)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--shapes", help="comma-separated shapes to measure (default: all)")
+    ap.add_argument("--keep", help="copy each shape's callgrind output (longer session) into this directory")
     args = ap.parse_args()
     shapes = args.shapes.split(",") if args.shapes else None
     unknown = [s for s in shapes or [] if s not in SHAPES]
     if unknown:
         ap.error("unknown shapes %s; known: %s" % (", ".join(unknown), ", ".join(SHAPES)))
-    figures = measure(args.calls, log=lambda line: print(line, flush=True), shapes=shapes)
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    figures = measure(args.calls, log=lambda line: print(line, flush=True), shapes=shapes, keep=args.keep)
     if args.json:
         commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"],
                                 capture_output=True, text=True).stdout.strip()
